@@ -1,0 +1,1 @@
+complete --command parrot --no-files --arguments "(env _PARROT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) parrot)" --condition "env _PARROT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) parrot"

@@ -1,0 +1,235 @@
+"""`parrot convert`: a Hugging Face directory, a GGUF file or a known model's source ->
+a parrot checkpoint. Reads are memory-mapped and tensors stream through one layer at a
+time into the writer, so peak memory stays about one copy of the weights (at most one
+output shard), and the result appears atomically (see `store.CheckpointWriter`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parrot_cli.checkpoint.hf import (
+    TensorSource,
+    convert_weights,
+    expected_tensor_count,
+    open_hf_weights,
+    read_hf_config,
+)
+from parrot_cli.checkpoint.store import CheckpointWriter, Progress, sha256_file
+from parrot_cli.config import Config, KnownModel, find_known
+from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
+from parrot_cli.paths import checkpoints_root
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def default_output(source: str | Path, known: KnownModel | None = None) -> Path:
+    """Where a conversion lands when --output is not given: ROOT/org/name for a known
+    model (also when a local directory path ends with its hub id), else ROOT/local/NAME."""
+    if known is not None:
+        return checkpoints_root() / known.name
+    path = Path(source)
+    parts = path.resolve().parts
+    if len(parts) >= 2:
+        match = find_known(f"{parts[-2]}/{parts[-1]}")
+        if match is not None:
+            return checkpoints_root() / match.name
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    return checkpoints_root() / "local" / re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)
+
+
+def target_for(source: str | Path, output: Path | None = None) -> Path:
+    """Where `convert(source, output)` writes, without fetching or reading anything."""
+    if output is not None:
+        return Path(output).expanduser()
+    path = Path(source).expanduser()
+    return default_output(path, None if path.exists() else find_known(str(source)))
+
+
+def convert(
+    source: str | Path,
+    output: Path | None = None,
+    *,
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> Path:
+    """Convert SOURCE and return the checkpoint directory."""
+    if dtype not in DTYPES:
+        raise UsageError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    known = None
+    path = Path(source).expanduser()
+    if not path.exists():
+        known = find_known(str(source))
+        if known is None:
+            raise ModelNotFoundError(f"{source} does not exist.")
+        if not known.sources:
+            raise ModelNotFoundError(
+                f"{known.name} has no source parrot can fetch yet; convert a local copy "
+                f"with `parrot convert PATH`."
+            )
+        from parrot_cli.checkpoint.sources import fetch
+
+        path = fetch(known.sources[0])
+    target = Path(output).expanduser() if output else default_output(path, known)
+    provenance: dict[str, Any] = {"source": str(known.sources[0]) if known else str(path.resolve())}
+    if path.is_dir():
+        return _convert_hf(path, target, DTYPES[dtype], provenance, progress, known)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        return _convert_gguf(path, target, DTYPES[dtype], provenance, progress, known)
+    raise CheckpointError(
+        f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file."
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None):
+    for name, t in tensors:
+        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+
+def _write(
+    target: Path,
+    config: Config,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    total: int,
+    files: dict[str, Any],
+    provenance: dict[str, Any],
+    progress: Progress | None,
+) -> Path:
+    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with CheckpointWriter(target) as writer:
+        done = 0
+        for name, t in tensors:
+            writer.add_tensor(name, t)
+            done += 1
+            if progress:
+                progress(done, total, name)
+        if done != total:
+            raise CheckpointError(f"Expected {total} tensors, converted {done}.")
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, writer.partial / name)
+            elif isinstance(content, str):
+                writer.write_text(name, content)
+            else:
+                writer.write_json(name, content)
+        return writer.commit(config, provenance)
+
+
+def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:
+    """The source's generation_config.json with eos_token_id normalised to a list."""
+    data: dict[str, Any] = {}
+    if source_dir is not None and (source_dir / "generation_config.json").is_file():
+        try:
+            data = json.loads((source_dir / "generation_config.json").read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{source_dir / 'generation_config.json'} is not valid JSON.") from err
+    eos = data.get("eos_token_id", config.eos_token_id)
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    for extra in config.eos_token_id:
+        if extra not in eos:
+            eos.append(extra)
+    data["eos_token_id"] = eos
+    if config.bos_token_id is not None:
+        data.setdefault("bos_token_id", config.bos_token_id)
+    return data
+
+
+def _convert_hf(
+    src_dir: Path,
+    target: Path,
+    dtype: torch.dtype | None,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+    known: KnownModel | None,
+) -> Path:
+    hf = read_hf_config(src_dir)
+    config = Config.from_hf(hf, name=known.name if known else target.name)
+    config.eos_token_id = _generation_config(src_dir, config)["eos_token_id"]
+    weights = open_hf_weights(src_dir)
+    files: dict[str, Any] = {n: src_dir / n for n in TOKENIZER_FILES if (src_dir / n).is_file()}
+    files["generation_config.json"] = _generation_config(src_dir, config)
+    provenance.update(
+        {
+            "format": "huggingface",
+            "revision": _hf_revision(src_dir),
+            "source_files": {
+                p.name: sha256_file(p)
+                for p in sorted(src_dir.iterdir())
+                if p.suffix in (".safetensors", ".bin", ".json")
+            },
+        }
+    )
+    tensors = _cast(convert_weights(config.family, hf, config, weights), dtype)
+    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)
+
+
+def _hf_revision(src_dir: Path) -> str | None:
+    """The commit a hub snapshot came from, when the directory says (snapshots/<sha>/)."""
+    if re.fullmatch(r"[0-9a-f]{40}", src_dir.resolve().name):
+        return src_dir.resolve().name
+    ref = src_dir / ".git" / "HEAD"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+class _OrderedGGUFTensors(TensorSource):
+    """Random access over GGUF's one-pass tensor stream. GGUF files store tensors layer by
+    layer, so the buffer of read-ahead tensors stays about one layer."""
+
+    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+        super().__init__({})
+        self._stream = stream
+        self._buffer: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        while name not in self._buffer:
+            try:
+                key, t = next(self._stream)
+            except StopIteration:
+                raise CheckpointError(f"The GGUF file has no tensor for {name!r}.") from None
+            self._buffer[key] = t
+        return self._buffer.pop(name)
+
+
+def _convert_gguf(
+    path: Path,
+    target: Path,
+    dtype: torch.dtype | None,
+    provenance: dict[str, Any],
+    progress: Progress | None,
+    known: KnownModel | None,
+) -> Path:
+    from parrot_cli.checkpoint.gguf import read_gguf
+
+    gguf = read_gguf(path)
+    config = Config.from_hf(gguf.hf_config, name=known.name if known else target.name)
+    generation = dict(gguf.generation_config)
+    config.eos_token_id = list(generation.get("eos_token_id") or config.eos_token_id)
+    files: dict[str, Any] = {
+        "tokenizer.json": gguf.tokenizer_json,
+        "tokenizer_config.json": gguf.tokenizer_config,
+        "generation_config.json": generation,
+    }
+    provenance.update(
+        {
+            "format": "gguf",
+            "gguf_metadata": gguf.metadata,
+            "dequantized": True,
+            "source_files": {path.name: sha256_file(path)},
+        }
+    )
+    src = _OrderedGGUFTensors(gguf.tensors())
+    tensors = _cast(convert_weights("llama", gguf.hf_config, config, src), dtype)
+    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)

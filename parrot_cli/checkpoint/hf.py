@@ -1,0 +1,215 @@
+"""Hugging Face checkpoints -> parrot weight names.
+
+Reads a transformers checkpoint directory (model.safetensors, sharded safetensors with an
+index, or pytorch_model*.bin read only through `torch.load(weights_only=True)`), lazily and
+memory-mapped, and yields parrot tensors layer by layer so peak memory stays about one
+layer plus the output shard being written.
+
+Fused attention weights differ per family; each is re-laid out to parrot's [q; k; v] rows:
+  GPT-NeoX, Falcon (classic MHA): per head [q, k, v] interleaved
+  Falcon multi-query:             [q heads..., k, v]
+  Falcon new decoder arch:        per kv group [q x (heads/groups), k, v]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parrot_cli.config import Config
+from parrot_cli.errors import CheckpointError
+
+Getter = Callable[[str], torch.Tensor]
+
+
+class TensorSource:
+    """Random access to the tensors of a checkpoint without loading them all."""
+
+    def __init__(self, tensors: dict[str, Getter | torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def keys(self) -> set[str]:
+        return set(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            entry = self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"The checkpoint has no tensor {name!r}.") from None
+        return entry() if callable(entry) else entry
+
+
+def read_hf_config(source_dir: Path) -> dict[str, Any]:
+    path = Path(source_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{source_dir} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}).") from err
+
+
+def open_hf_weights(source_dir: Path) -> TensorSource:
+    """Safetensors when present (preferred: no pickle), else .bin files via weights_only."""
+    from parrot_cli.checkpoint.store import load_safetensors
+
+    d = Path(source_dir)
+    st_files = sorted(d.glob("*.safetensors"))
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is corrupt ({err}).") from err
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{d} is incomplete: shard {missing[0]} is missing.")
+        st_files = [d / n for n in names]
+    if st_files:
+        tensors: dict[str, Any] = {}
+        for f in st_files:
+            tensors.update(load_safetensors(f))
+        return TensorSource(tensors)
+    bin_files = sorted(d.glob("pytorch_model*.bin")) or sorted(d.glob("*.pth"))
+    if not bin_files:
+        raise CheckpointError(f"{d} has no weights (*.safetensors or pytorch_model*.bin).")
+    tensors = {}
+    for f in bin_files:
+        try:
+            # weights_only: a pickle can run code; this refuses anything but tensors.
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises many types for a bad pickle
+            raise CheckpointError(f"{f} could not be read safely ({type(err).__name__}).") from err
+        tensors.update(state)
+    return TensorSource(tensors)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def convert_weights(
+    family: str, hf: dict[str, Any], config: Config, src: TensorSource
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (parrot name, tensor) in model order."""
+    yield from _MAPPERS[family](hf, config, src)
+
+
+def _get_linear(src: TensorSource, prefix: str, bias: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    yield "weight", src.get(prefix + ".weight")
+    if bias:
+        yield "bias", src.get(prefix + ".bias")
+
+
+def _norm(src: TensorSource, hf_prefix: str, out_prefix: str, config: Config):
+    yield f"{out_prefix}.weight", src.get(hf_prefix + ".weight")
+    if config.norm_class == "LayerNorm":
+        yield f"{out_prefix}.bias", src.get(hf_prefix + ".bias")
+
+
+def _head(src: TensorSource, config: Config, hf_name: str):
+    if not config.tie_embeddings:
+        yield "lm_head.weight", src.get(hf_name)
+
+
+def _llama(hf: dict[str, Any], config: Config, src: TensorSource):
+    yield "transformer.wte.weight", src.get("model.embed_tokens.weight")
+    for i in range(config.n_layer):
+        p, o = f"model.layers.{i}", f"transformer.h.{i}"
+        yield from _norm(src, f"{p}.input_layernorm", f"{o}.norm_1", config)
+        yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
+        a = f"{p}.self_attn"
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            q, k, v = (src.get(f"{a}.{n}_proj.{kind}") for n in "qkv")
+            yield f"{o}.attn.qkv.{kind}", torch.cat((q, k, v))
+        for kind, t in _get_linear(src, f"{a}.o_proj", config.proj_bias):
+            yield f"{o}.attn.proj.{kind}", t
+        m = f"{p}.mlp"
+        for kind in ("weight", "bias") if config.mlp_bias else ("weight",):
+            yield f"{o}.mlp.fc.{kind}", torch.cat((src.get(f"{m}.gate_proj.{kind}"), src.get(f"{m}.up_proj.{kind}")))
+        for kind, t in _get_linear(src, f"{m}.down_proj", config.mlp_bias):
+            yield f"{o}.mlp.proj.{kind}", t
+    yield from _norm(src, "model.norm", "transformer.ln_f", config)
+    yield from _head(src, config, "lm_head.weight")
+
+
+def _split_interleaved(t: torch.Tensor, config: Config) -> torch.Tensor:
+    """Per head [q, k, v] (NeoX, classic Falcon) -> [q_all; k_all; v_all]."""
+    hs, n = config.head_size, config.n_head
+    rest = t.shape[1:]
+    t = t.reshape(n, 3, hs, *rest).transpose(0, 1)
+    return t.reshape(3 * n * hs, *rest)
+
+
+def _split_grouped(t: torch.Tensor, config: Config) -> torch.Tensor:
+    """Per kv group [q x per_group, k, v] (Falcon new arch and multi-query with 1 group)."""
+    hs, g = config.head_size, config.n_query_groups
+    per = config.n_head // g
+    rest = t.shape[1:]
+    t = t.reshape(g, per + 2, hs, *rest)
+    q = t[:, :per].reshape(g * per * hs, *rest)
+    k = t[:, per].reshape(g * hs, *rest)
+    v = t[:, per + 1].reshape(g * hs, *rest)
+    return torch.cat((q, k, v))
+
+
+def _neox(hf: dict[str, Any], config: Config, src: TensorSource):
+    yield "transformer.wte.weight", src.get("gpt_neox.embed_in.weight")
+    for i in range(config.n_layer):
+        p, o = f"gpt_neox.layers.{i}", f"transformer.h.{i}"
+        yield from _norm(src, f"{p}.input_layernorm", f"{o}.norm_1", config)
+        yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
+        for kind, t in _get_linear(src, f"{p}.attention.query_key_value", config.qkv_bias):
+            yield f"{o}.attn.qkv.{kind}", _split_interleaved(t, config)
+        for kind, t in _get_linear(src, f"{p}.attention.dense", config.proj_bias):
+            yield f"{o}.attn.proj.{kind}", t
+        for kind, t in _get_linear(src, f"{p}.mlp.dense_h_to_4h", config.mlp_bias):
+            yield f"{o}.mlp.fc.{kind}", t
+        for kind, t in _get_linear(src, f"{p}.mlp.dense_4h_to_h", config.mlp_bias):
+            yield f"{o}.mlp.proj.{kind}", t
+    yield from _norm(src, "gpt_neox.final_layer_norm", "transformer.ln_f", config)
+    yield from _head(src, config, "embed_out.weight")
+
+
+def _falcon(hf: dict[str, Any], config: Config, src: TensorSource):
+    new_arch = bool(hf.get("new_decoder_architecture")) or hf.get("model_type") == "RefinedWeb"
+    multi_query = config.n_query_groups == 1 and not new_arch
+    relayout = _split_grouped if (new_arch or multi_query) else _split_interleaved
+    yield "transformer.wte.weight", src.get("transformer.word_embeddings.weight")
+    for i in range(config.n_layer):
+        p, o = f"transformer.h.{i}", f"transformer.h.{i}"
+        if f"{p}.ln_attn.weight" in src:
+            yield from _norm(src, f"{p}.ln_attn", f"{o}.norm_1", config)
+            yield from _norm(src, f"{p}.ln_mlp", f"{o}.norm_2", config)
+        else:
+            yield from _norm(src, f"{p}.input_layernorm", f"{o}.norm_1", config)
+            if not config.shared_attention_norm:
+                yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
+        a = f"{p}.self_attention"
+        for kind, t in _get_linear(src, f"{a}.query_key_value", config.qkv_bias):
+            yield f"{o}.attn.qkv.{kind}", relayout(t, config)
+        for kind, t in _get_linear(src, f"{a}.dense", config.proj_bias):
+            yield f"{o}.attn.proj.{kind}", t
+        for kind, t in _get_linear(src, f"{p}.mlp.dense_h_to_4h", config.mlp_bias):
+            yield f"{o}.mlp.fc.{kind}", t
+        for kind, t in _get_linear(src, f"{p}.mlp.dense_4h_to_h", config.mlp_bias):
+            yield f"{o}.mlp.proj.{kind}", t
+    yield from _norm(src, "transformer.ln_f", "transformer.ln_f", config)
+    yield from _head(src, config, "lm_head.weight")
+
+
+_MAPPERS = {"llama": _llama, "gpt_neox": _neox, "falcon": _falcon}
+
+
+def expected_tensor_count(config: Config) -> int:
+    """How many tensors `convert_weights` yields (for a progress bar total)."""
+    per_norm = 2 if config.norm_class == "LayerNorm" else 1
+    norms = per_norm * (1 if config.shared_attention_norm else 2)
+    per_layer = norms + 2 + config.qkv_bias + config.proj_bias + 2 * (1 + config.mlp_bias)
+    return 1 + config.n_layer * per_layer + per_norm + (0 if config.tie_embeddings else 1)

@@ -1,0 +1,313 @@
+"""The parrot checkpoint directory: writing it atomically, reading it memory-mapped.
+
+Layout (see DESIGN.md): parrot_config.json, model.safetensors (or model-0000N-of-0000M
+shards + model.safetensors.index.json), tokenizer.json, tokenizer_config.json,
+generation_config.json.
+
+A checkpoint is built in a sibling `NAME.partial/` and renamed into place only when every
+file is written and `parrot_config.json` (written last) records their checksums: an
+interrupted write leaves the previous checkpoint or nothing, never a half one.
+
+Reading maps the safetensors files into memory (copy-on-write) and builds tensors on the
+mapping, so loading costs no second copy of the weights; the header is validated first so
+a truncated or corrupt file is one clear error, not a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parrot_cli import __version__
+from parrot_cli.config import Config
+from parrot_cli.errors import CheckpointError, ModelNotFoundError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "parrot_config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 1024**3  # shard above this, as HF does, so no single file is huge
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass
+class CheckpointInfo:
+    """What parrot_config.json holds besides the architecture."""
+
+    config: Config
+    format_version: int
+    provenance: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_info(checkpoint_dir: Path) -> CheckpointInfo:
+    """Parse parrot_config.json; a missing or unreadable one is a clear error."""
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not Path(checkpoint_dir).is_dir():
+        raise ModelNotFoundError(f"No checkpoint at {checkpoint_dir}.")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{checkpoint_dir} is not a parrot checkpoint (no {CONFIG_FILE}); "
+            f"create one with `parrot convert SOURCE`."
+        )
+    try:
+        data = json.loads(path.read_text())
+        version = int(data["format_version"])
+        config = Config.from_dict(data["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err}).") from err
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{checkpoint_dir} was written by a newer parrot (format {version}); upgrade parrot."
+        )
+    return CheckpointInfo(config, version, data.get("provenance", {}), data.get("quantization"))
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    d = Path(checkpoint_dir)
+    if (d / INDEX_FILE).is_file():
+        try:
+            index = json.loads((d / INDEX_FILE).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{d / INDEX_FILE} is corrupt ({err}).") from err
+        return [d / n for n in names]
+    if (d / WEIGHTS_FILE).is_file():
+        return [d / WEIGHTS_FILE]
+    raise CheckpointError(f"{d} has no weights ({WEIGHTS_FILE} is missing).")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(tensor table, byte offset of the data section), validated against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header).")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 1024**2):
+            raise CheckpointError(f"{path} is corrupt or truncated (bad safetensors header length).")
+        try:
+            table = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(f"{path} is corrupt (unreadable safetensors header).") from err
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path} is corrupt (safetensors header is not a table).")
+    data_size = size - 8 - n
+    for name, entry in table.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            dtype = _DTYPES[entry["dtype"]]
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} is corrupt (bad entry for tensor {name!r}).") from err
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends past the end of the file."
+            )
+        if not 0 <= start <= end or end - start != numel * dtype.itemsize:
+            raise CheckpointError(f"{path} is corrupt (tensor {name!r} has inconsistent size).")
+    return table, 8 + n
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors backed by a private (copy-on-write) memory map of the file: no copy in RAM."""
+    path = Path(path)
+    table, base = read_safetensors_header(path)
+    out: dict[str, torch.Tensor] = {}
+    if not any(k != "__metadata__" for k in table):
+        return out
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, entry in table.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            t = torch.empty(0, dtype=dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start)
+        out[name] = t.view(entry["shape"])
+    return out
+
+
+def load_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(checkpoint_dir):
+        state.update(load_safetensors(path))
+    return state
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024**2) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Write one safetensors file streaming tensor by tensor (no concatenated copy)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            t = t.contiguous()
+            if t.numel():
+                # A byte view works for every dtype (numpy has no bfloat16).
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class CheckpointWriter:
+    """Builds a checkpoint in `TARGET.partial/` and moves it into place on `commit()`.
+
+    Use as a context manager: leaving the block by an exception (Ctrl-C included) removes
+    the partial directory, so the target keeps its previous content or stays absent.
+    """
+
+    def __init__(self, target: Path, *, shard_bytes: int | None = None) -> None:
+        self.target = Path(target)
+        self.partial = self.target.with_name(self.target.name + ".partial")
+        self.shard_bytes = shard_bytes or SHARD_BYTES
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        if self.partial.exists():  # left by a killed run: never reused
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.partial.exists():
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self._pending.append((name, tensor.detach().cpu().contiguous()))
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        name = f"model-{len(self._shards) + 1:05d}.safetensors"
+        _write_safetensors(self.partial / name, self._pending)
+        self._shards.append((name, [n for n, _ in self._pending]))
+        self._pending, self._pending_bytes = [], 0
+
+    def write_json(self, name: str, data: Any) -> None:
+        (self.partial / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.partial / name).write_text(text)
+
+    def commit(
+        self,
+        config: Config,
+        provenance: dict[str, Any],
+        quantization: dict[str, Any] | None = None,
+    ) -> Path:
+        """Finish the weights, record checksums in parrot_config.json, swap into place."""
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            (self.partial / self._shards[0][0]).rename(self.partial / WEIGHTS_FILE)
+        else:
+            n = len(self._shards)
+            weight_map = {}
+            for i, (old, names) in enumerate(self._shards, 1):
+                new = f"model-{i:05d}-of-{n:05d}.safetensors"
+                (self.partial / old).rename(self.partial / new)
+                weight_map.update(dict.fromkeys(names, new))
+            self.write_json(
+                INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
+        checksums = {
+            p.name: sha256_file(p) for p in sorted(self.partial.iterdir()) if p.name != CONFIG_FILE
+        }
+        self.write_json(
+            CONFIG_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "parrot_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": config.to_dict(),
+                "provenance": {**provenance, "files": checksums},
+                **({"quantization": quantization} if quantization else {}),
+            },
+        )
+        return self._swap()
+
+    def _swap(self) -> Path:
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(self.target.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            self.target.rename(old)
+        self.partial.rename(self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+
+def write_tensors(writer: CheckpointWriter, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[str]:
+    """Add each tensor, yielding its name (callers drive a progress bar from it)."""
+    for name, t in tensors:
+        writer.add_tensor(name, t)
+        yield name

@@ -1,0 +1,114 @@
+"""What every command shares: the model-selection options, the stderr console, and the
+translation of exceptions into one readable line."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from parrot_cli.errors import ParrotError, UsageError
+from parrot_cli.settings import PRECISIONS, SETTINGS
+
+# Everything that is not generated text goes to stderr.
+console = Console(stderr=True, highlight=False)
+
+
+def print_error(err: BaseException | str) -> int:
+    """Print one line for `err` (a traceback too with --debug/PARROT_DEBUG); return the exit code."""
+    debug = os.environ.get("PARROT_DEBUG", "") not in ("", "0")
+    if isinstance(err, str):
+        console.print(f"[bold red]Error:[/] {err}", markup=True, soft_wrap=True)
+        return 1
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    code = 1
+    if isinstance(err, ParrotError):
+        message, code = str(err), err.exit_code
+    elif _is_oom(err):
+        message = "Out of memory; try a smaller model, --quantize, or a shorter --max-seq-length."
+    elif isinstance(err, OSError) and err.strerror:
+        message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    else:
+        message = f"Unexpected error ({type(err).__name__}: {err})." + (
+            "" if debug else " Run with --debug for details."
+        )
+    console.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+    return code
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+
+
+def _complete_models(incomplete: str) -> list[str]:
+    from parrot_cli.config import KNOWN_MODELS
+
+    names = [n for m in KNOWN_MODELS.values() for n in (m.name, *m.aliases)]
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def _complete_precision(incomplete: str) -> list[str]:
+    return [p for p in PRECISIONS if p.startswith(incomplete)]
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in ("auto", "cpu", "cuda", "mps") if d.startswith(incomplete)]
+
+
+def help_of(name: str) -> str:
+    """Help text for a setting, with its built-in default (declared once, in settings)."""
+    setting = SETTINGS[name]
+    if setting.default is None or setting.default is False:
+        return setting.help
+    return f"{setting.help} [dim]\\[default: {setting.default}][/]"
+
+
+CheckpointDir = Annotated[
+    Path | None,
+    typer.Option("--checkpoint-dir", help="Checkpoint directory to load.", rich_help_panel="Model"),
+]
+ModelName = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m",
+        help="Model name, alias or path (default: the configured default model).",
+        autocompletion=_complete_models,
+        rich_help_panel="Model",
+    ),
+]
+Precision = Annotated[
+    str | None,
+    typer.Option(help=help_of("precision"), autocompletion=_complete_precision, rich_help_panel="Model"),
+]
+Device = Annotated[
+    str | None,
+    typer.Option(help=help_of("device"), autocompletion=_complete_device, rich_help_panel="Model"),
+]
+Threads = Annotated[int | None, typer.Option(help=help_of("threads"), rich_help_panel="Model")]
+Compile = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help=help_of("compile"), rich_help_panel="Model")
+]
+MaxSeqLength = Annotated[int | None, typer.Option(help=help_of("max_seq_length"), rich_help_panel="Model")]
+
+
+def model_choice(checkpoint_dir: Path | None, model: str | None) -> str | None:
+    """--checkpoint-dir and --model name the same thing; both at once is a usage error."""
+    if checkpoint_dir is not None and model is not None:
+        raise UsageError("Give --checkpoint-dir or --model, not both.")
+    return str(checkpoint_dir) if checkpoint_dir is not None else model
+
+
+def load_llm(**kwargs: Any):
+    """LLM.load with notices printed dimmed on stderr (torch is imported here, not before)."""
+    from parrot_cli.api import LLM
+
+    with console.status("Loading model…", spinner="dots"):
+        llm = LLM.load(**kwargs)
+    llm.notify = lambda message: console.print(f"[dim]{message}[/]")
+    return llm

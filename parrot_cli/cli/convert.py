@@ -1,0 +1,60 @@
+"""`parrot convert SOURCE`: a Hugging Face directory, a .gguf file or a known model -> a
+parrot checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from parrot_cli.cli.common import console
+
+
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A Hugging Face checkpoint directory, a .gguf file, or a known model name with a fetchable source."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Checkpoint directory to write (default: under the checkpoints root)."),
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(help="Weight dtype to store: auto (as the source; float32 for dequantized GGUF), float32, bfloat16, float16."),
+    ] = "auto",
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="Do nothing when the target checkpoint already exists.")
+    ] = False,
+) -> None:
+    """Convert a model into a parrot checkpoint (safetensors, atomic: all or nothing)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from parrot_cli.checkpoint.convert import convert as run_convert
+    from parrot_cli.checkpoint.convert import target_for
+    from parrot_cli.checkpoint.store import CONFIG_FILE
+
+    if if_missing and (target_for(source, output) / CONFIG_FILE).is_file():
+        console.print(f"{target_for(source, output)} already exists.")
+        return
+
+    with Progress(
+        TextColumn("[bold]Converting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("[dim]{task.description}"),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, description=name)
+
+        target = run_convert(source, output, dtype=dtype, progress=update)
+    console.print(f"Checkpoint written to [bold]{target}[/]")
+    console.print(f"Run it: [bold]parrot generate \"Hello\" --checkpoint-dir {target}[/]", soft_wrap=True)

@@ -1,0 +1,124 @@
+"""`parrot generate PROMPT`: continue a prompt (or answer it with --chat), streamed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from parrot_cli.cli.common import (
+    CheckpointDir,
+    Compile,
+    Device,
+    MaxSeqLength,
+    ModelName,
+    Precision,
+    Threads,
+    console,
+    help_of,
+    load_llm,
+    model_choice,
+)
+from parrot_cli.errors import UsageError
+
+SAMPLING = "Sampling"
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue; '-' reads it from stdin.")],
+    checkpoint_dir: CheckpointDir = None,
+    model: ModelName = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[
+        str | None, typer.Option(help="System message (implies --chat).")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=help_of("max_new_tokens"), rich_help_panel=SAMPLING)] = None,
+    temperature: Annotated[float | None, typer.Option(help=help_of("temperature"), rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[int | None, typer.Option(help=help_of("top_k"), rich_help_panel=SAMPLING)] = None,
+    top_p: Annotated[float | None, typer.Option(help=help_of("top_p"), rich_help_panel=SAMPLING)] = None,
+    min_p: Annotated[float | None, typer.Option(help=help_of("min_p"), rich_help_panel=SAMPLING)] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help=help_of("repetition_penalty"), rich_help_panel=SAMPLING)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help=help_of("seed"), rich_help_panel=SAMPLING)] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed.", rich_help_panel=SAMPLING),
+    ] = None,
+    num_samples: Annotated[int, typer.Option(min=1, help="Generate this many samples.", rich_help_panel=SAMPLING)] = 1,
+    max_seq_length: MaxSeqLength = None,
+    precision: Precision = None,
+    device: Device = None,
+    threads: Threads = None,
+    compile: Compile = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per sample instead of streaming text.")
+    ] = False,
+) -> None:
+    """Generate text from a prompt, streamed to stdout; stats go to stderr."""
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text:
+        raise UsageError("The prompt is empty.")
+    llm = load_llm(
+        model=model_choice(checkpoint_dir, model),
+        device=device or "auto",
+        precision=precision,
+        max_seq_length=max_seq_length,
+        compile=bool(compile),
+        threads=threads,
+    )
+    as_chat = chat or system is not None
+    request = [{"role": "user", "content": text}] if as_chat else text
+    out = _utf8_stdout()
+    for i in range(num_samples):
+        stream = llm.stream(
+            request,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=None if seed is None else seed + i,
+            stop=stop,
+            system=system,
+        )
+        if as_json:
+            for _ in stream:
+                pass
+            record = {"model": _model_name(llm.checkpoint_dir), "sample": i + 1, **stream.result.to_dict()}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            continue
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        _print_stats(llm, stream.result, i + 1)
+
+
+def _utf8_stdout():
+    """stdout that writes UTF-8 whatever the locale says (model text is Unicode)."""
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")
+    return sys.stdout
+
+
+def _model_name(path: Path) -> str:
+    return path.name
+
+
+def _print_stats(llm, result, sample: int) -> None:
+    from parrot_cli.api import peak_memory_bytes
+
+    console.print(
+        f"[dim]Time for inference {sample}: {result.seconds:.02f} sec total, "
+        f"{result.tokens_per_second:.02f} tokens/sec, {result.generated_tokens} tokens "
+        f"(first token after {result.time_to_first_token:.02f} sec, prompt {result.prompt_tokens} tokens)\n"
+        f"Memory used: {peak_memory_bytes(llm.device) / 1e9:.02f} GB[/]",
+        soft_wrap=True,
+    )

@@ -1,0 +1,43 @@
+"""Typed exceptions raised by the library.
+
+The library raises these (chained with `from` where there is a cause); the CLI edge turns
+each one into a single readable sentence and an exit code. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+
+class ParrotError(Exception):
+    """Base class: a failure the user can act on. `str(err)` is the sentence to show."""
+
+    exit_code: int = 1
+
+
+class UsageError(ParrotError):
+    """An impossible combination of options or an invalid value (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(ParrotError):
+    """No checkpoint at the given path or name; the message names the command that fetches it."""
+
+
+class CheckpointError(ParrotError):
+    """A checkpoint or source file is missing parts, truncated or corrupt."""
+
+
+class UnsupportedArchitectureError(ParrotError):
+    """The model's architecture is not one parrot implements."""
+
+
+class ContextLengthError(ParrotError):
+    """A prompt (plus what must be generated) does not fit the model's context window."""
+
+
+class OutOfMemoryError(ParrotError):
+    """The device ran out of memory."""
+
+
+class NotSupportedError(ParrotError):
+    """A feature parrot does not implement yet (e.g. multi-device strategies)."""

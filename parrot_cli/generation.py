@@ -1,0 +1,113 @@
+"""The one sampling core: prefill, then one token per decode step, from a static KV cache.
+
+`generate_tokens` is a token iterator that `LLM.generate/stream/chat`, the chat REPL and
+`parrot bench` all use, so a fix to sampling or stopping lands once. Sampling is a few
+small pure functions over float32 logits, in the order the reference applies them:
+repetition penalty, temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from parrot_cli.model import GPT
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None  # None or 0 = no limit
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on every token already in the context (prompt included):
+    positive logits are divided by the penalty, negative ones multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (removed tokens get -inf)."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.size(-1):
+        kth = torch.topk(logits, p.top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - p.top_p
+        remove[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        threshold = p.min_p * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> int:
+    """Pick the next token id from one row of logits [vocab]."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.greedy:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits, p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate_tokens(
+    model: GPT,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    start_pos: int = 0,
+    history: list[int] | None = None,
+) -> Iterator[int]:
+    """Prefill `prompt` at positions [start_pos, start_pos + len(prompt)), then decode.
+
+    Yields each new token id, the EOS id included (then stops). The cache must hold
+    start_pos + len(prompt) + max_new_tokens - 1 positions. `history` is the context
+    already in the cache (for the repetition penalty); tokens kept in the cache by a
+    caller that continues a conversation are not prefilled again.
+    """
+    device = model.transformer.wte.weight.device
+    eos = set(eos_ids)
+    track = params.repetition_penalty != 1.0
+    seen = list(history or []) + list(prompt) if track else []
+    pos = start_pos
+    idx = torch.tensor(prompt, dtype=torch.long, device=device)[None]
+    input_pos = torch.arange(pos, pos + len(prompt), device=device)
+    for step in range(max_new_tokens):
+        logits = model(idx, input_pos)[0, -1]
+        seen_t = torch.tensor(sorted(set(seen)), dtype=torch.long, device=device) if track else None
+        token = sample(logits, params, generator, seen_t)
+        yield token
+        if token in eos or step == max_new_tokens - 1:
+            return
+        if track:
+            seen.append(token)
+        pos = int(input_pos[-1]) + 1
+        idx = torch.tensor([[token]], dtype=torch.long, device=device)
+        input_pos = torch.tensor([pos], device=device)
