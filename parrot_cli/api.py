@@ -46,7 +46,7 @@ class GenerationResult:
     finish_reason: str = "length"  # "eos" | "stop" | "length"
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # every sampled id, EOS included
     time_to_first_token: float = 0.0  # seconds, prefill + first sample
     seconds: float = 0.0  # whole generation
 
@@ -252,7 +252,7 @@ class LLM:
     def ensure_cache(self, needed: int) -> int:
         """Make sure the KV cache holds `needed` positions; allocate once and reuse. Returns
         the cache length."""
-        limit = self.fixed_max_seq_length or self.config.block_size
+        limit = self.context_limit
         if needed > limit:
             raise ContextLengthError(f"{needed} tokens do not fit the KV cache of {limit}.")
         if self.model.cache_length >= needed:
@@ -262,9 +262,16 @@ class LLM:
         size = self.cache_bytes(length)
         if size >= CACHE_NOTICE_BYTES:
             self.notify(f"Allocating a {size / 1024**3:.1f} GiB KV cache for {length} tokens.")
+        old = [block.attn.kv_cache for block in self.model.transformer.h]
         self.model.clear_caches()
         try:
             self.model.setup_caches(1, length, device=self.device)
+            # Growing keeps what the cache held, so a conversation continues across it.
+            for block, previous in zip(self.model.transformer.h, old):
+                if previous is not None:
+                    kept = previous.k.size(2)
+                    block.attn.kv_cache.k[:, :, :kept] = previous.k
+                    block.attn.kv_cache.v[:, :, :kept] = previous.v
         except torch.OutOfMemoryError as err:
             raise OutOfMemoryError(
                 f"Out of memory allocating a KV cache of {length} tokens ({size / 1024**3:.1f} GiB); "
@@ -315,7 +322,8 @@ class LLM:
     ) -> TextStream:
         """Yield text pieces as they are generated. `prompt` is raw text to continue, or a
         list of chat messages (then the chat template applies; so does a `system` text)."""
-        params, max_new, seed = self.sampling(
+        return self.stream_ids(
+            self.encode_prompt(prompt, system),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -323,11 +331,27 @@ class LLM:
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            stop=stop,
         )
-        ids = self.encode_prompt(prompt, system)
+
+    def stream_ids(
+        self,
+        ids: list[int],
+        *,
+        start_pos: int = 0,
+        history: list[int] | None = None,
+        stop: list[str] | str | None = None,
+        **sampling: Any,
+    ) -> TextStream:
+        """The streaming core under `stream`, for callers that manage the KV cache: `ids`
+        are new tokens prefilled at `start_pos`; positions [0, start_pos) of the cache must
+        already hold `history` (a chat keeps earlier turns there and prefills only the
+        new ones). Sampling keywords as in `stream`."""
+        params, max_new, seed = self.sampling(**sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         result = GenerationResult(prompt_tokens=len(ids))
-        return TextStream(self._run(ids, params, max_new, seed, stops, result), result)
+        run = self._run(ids, params, max_new, seed, stops, result, start_pos, history)
+        return TextStream(run, result)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         """The whole reply as one string (the same pieces `stream` yields, joined)."""
@@ -337,9 +361,14 @@ class LLM:
         """Reply to a conversation, formatted with the model's chat template."""
         return self.generate(list(messages), **kwargs)
 
+    @property
+    def context_limit(self) -> int:
+        """Positions available: the fixed KV cache size, else the model's context."""
+        return self.fixed_max_seq_length or self.config.block_size
+
     def check_context(self, prompt_tokens: int) -> int:
         """Room left for new tokens after a prompt; a prompt that leaves none is an error."""
-        limit = self.fixed_max_seq_length or self.config.block_size
+        limit = self.context_limit
         if prompt_tokens >= limit:
             what = "KV cache (--max-seq-length)" if self.fixed_max_seq_length else "context window"
             raise ContextLengthError(
@@ -356,10 +385,12 @@ class LLM:
         seed: int | None,
         stops: list[str],
         result: GenerationResult,
+        start_pos: int = 0,
+        history: list[int] | None = None,
     ) -> Iterator[str]:
-        room = self.check_context(len(ids))
+        room = self.check_context(start_pos + len(ids))
         max_new = min(max_new, room)
-        self.ensure_cache(len(ids) + max_new)
+        self.ensure_cache(start_pos + len(ids) + max_new)
         generator = None
         if not params.greedy:
             generator = torch.Generator(self.device)
@@ -371,16 +402,23 @@ class LLM:
         pieces: list[str] = []
         with torch.inference_mode():
             tokens = generate_tokens(
-                self.model, ids, max_new_tokens=max_new, params=params, eos_ids=eos, generator=generator
+                self.model,
+                ids,
+                max_new_tokens=max_new,
+                params=params,
+                eos_ids=eos,
+                generator=generator,
+                start_pos=start_pos,
+                history=history,
             )
             for token in tokens:
                 if not result.generated_tokens:
                     result.time_to_first_token = time.perf_counter() - start
                 result.generated_tokens += 1
+                result.token_ids.append(token)
                 if token in eos:
                     result.finish_reason = "eos"
                     break
-                result.token_ids.append(token)
                 text, stopped = stopper.push(decoder.push(token))
                 if text:
                     pieces.append(text)

@@ -89,6 +89,7 @@ def test_every_eos_id_stops(smollm2_llm, smollm2_checkpoint, tmp_path):
     text = "".join(stream)
     assert stream.result.finish_reason == "eos"
     assert stream.result.generated_tokens == 3
+    assert stream.result.token_ids == greedy.result.token_ids[:3]
     assert text == smollm2_llm.tokenizer.decode(greedy.result.token_ids[:2])
 
 
