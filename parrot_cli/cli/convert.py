@@ -31,15 +31,25 @@ def convert(
     ] = False,
 ) -> None:
     """Convert a model into a parrot checkpoint (safetensors, atomic: all or nothing)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from parrot_cli.checkpoint.convert import convert as run_convert
     from parrot_cli.checkpoint.convert import target_for
     from parrot_cli.checkpoint.store import CONFIG_FILE
 
     if if_missing and (target_for(source, output) / CONFIG_FILE).is_file():
         console.print(f"{target_for(source, output)} already exists.")
         return
+
+    target = convert_with_progress(source, output, dtype=dtype)
+    console.print(f"Checkpoint written to [bold]{target}[/]")
+    console.print(f"Run it: [bold]parrot generate \"Hello\" --checkpoint-dir {target}[/]", soft_wrap=True)
+
+
+def convert_with_progress(
+    source: str | Path, output: Path | None, *, dtype: str = "auto", source_label: str | None = None
+) -> Path:
+    """`checkpoint.convert.convert` under the conversion's progress bar (shared with `parrot download`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from parrot_cli.checkpoint.convert import convert as run_convert
 
     with Progress(
         TextColumn("[bold]Converting"),
@@ -55,6 +65,4 @@ def convert(
         def update(done: int, total: int, name: str) -> None:
             progress.update(task, completed=done, total=total, description=name)
 
-        target = run_convert(source, output, dtype=dtype, progress=update)
-    console.print(f"Checkpoint written to [bold]{target}[/]")
-    console.print(f"Run it: [bold]parrot generate \"Hello\" --checkpoint-dir {target}[/]", soft_wrap=True)
+        return run_convert(source, output, dtype=dtype, progress=update, source_label=source_label)
