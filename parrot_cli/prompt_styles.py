@@ -113,7 +113,7 @@ class StableLMAlpha(PromptStyle):
 
     name = "stablelm-alpha"
     description = "StableLM-tuned-alpha (<|SYSTEM|>, <|USER|>, <|ASSISTANT|>)"
-    stop = ("<|SYSTEM|>", "<|USER|>", "<|ASSISTANT|>", "<|endoftext|>")
+    stop = ("<|SYSTEM|>", "<|USER|>", "<|ASSISTANT|>", "<|padding|>", "<|endoftext|>")
     default_system = STABLELM_SYSTEM
 
     def begin(self, system: str | None) -> str:

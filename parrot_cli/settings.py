@@ -17,6 +17,7 @@ from typing import Any
 
 from parrot_cli.errors import UsageError
 from parrot_cli.paths import config_file
+from parrot_cli.quantize import modes_help
 
 PRECISIONS = ("bf16-true", "16-true", "32-true")
 
@@ -56,7 +57,12 @@ SETTINGS: dict[str, Setting] = {
                 "Default: bf16-true where the device computes bf16 natively, else 32-true (CPU) or 16-true (GPU)."),
         Setting("device", str, "auto", "cpu, cuda, cuda:N, mps or auto."),
         Setting("threads", _optional_int, None, "CPU threads for torch (default: torch's choice)."),
-        Setting("quantize", str, None, "Quantize the weights when loading."),
+        Setting("quantize", str, None, f"Quantize the weights while loading: {modes_help()}."),
+        Setting("group_size", _optional_int, None,
+                "int4 group size: inputs sharing one scale and zero (32, 64, 128 or 256; default: "
+                "the largest of 128/64/32 dividing every layer, 32 for weights from a 4-bit GGUF)."),
+        Setting("quantize_head", _bool, False,
+                "Quantize the output head (lm_head) too; it otherwise stays in the working precision."),
         Setting("max_seq_length", _optional_int, None,
                 "KV cache size in tokens (default: prompt + max-new-tokens, capped by the context)."),
         Setting("compile", _bool, False, "Compile the decode step with torch.compile."),

@@ -157,3 +157,21 @@ def test_bf16_keeps_the_greedy_reference(smollm2_checkpoint, smollm2_llm):
     assert llm.model.transformer.wte.weight.dtype == torch.bfloat16
     expected = smollm2_llm.generate(PROMPT, max_new_tokens=5, temperature=0)
     assert llm.generate(PROMPT, max_new_tokens=5, temperature=0) == expected == " Alex, and I'm"
+
+
+def test_multibyte_text_streams_whole_characters(smollm2_llm):
+    prompt = "Emoji and Japanese: 🦜🦜 こんにちは、世界。さようなら、"
+    pieces = list(smollm2_llm.stream(prompt, max_new_tokens=24, temperature=0))
+    assert pieces and all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == smollm2_llm.generate(prompt, max_new_tokens=24, temperature=0)
+
+
+def test_large_cache_is_announced(smollm2_checkpoint, monkeypatch):
+    import parrot_cli.api as api
+
+    monkeypatch.setattr(api, "CACHE_NOTICE_BYTES", 1)
+    llm = LLM.load(smollm2_checkpoint, precision="32-true")
+    notices = []
+    llm.notify = notices.append
+    llm.generate("Hi", max_new_tokens=2, temperature=0)
+    assert len(notices) == 1 and "KV cache" in notices[0] and "256 tokens" in notices[0]

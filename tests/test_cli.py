@@ -84,7 +84,7 @@ def test_over_long_prompt_is_one_line_error(smollm2_checkpoint):
 def test_missing_models_name_the_fix(tmp_path):
     empty_home = {"PARROT_HOME": str(tmp_path / "home")}
     default = run_parrot("generate", "Hi", env=empty_home)
-    assert_one_line_error(default, 1, "default model", "parrot convert")
+    assert_one_line_error(default, 1, "default model", "parrot download")
     path = run_parrot("generate", "Hi", "--checkpoint-dir", str(tmp_path / "nope"), env=empty_home)
     assert_one_line_error(path, 1, "nope")
     both = run_parrot("generate", "Hi", "--checkpoint-dir", "a", "--model", "b")

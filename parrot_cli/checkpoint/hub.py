@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -240,11 +240,12 @@ class Hub:
             info = HfApi(token=self.token).model_info(
                 repo_id, revision=revision, files_metadata=True, timeout=constants.HF_HUB_ETAG_TIMEOUT
             )
-        remote = {
-            s.rfilename: RemoteFile(
-                s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id
-            )
+        if not info.sha:
+            raise HubError(f"The hub did not say which commit {repo_id} is at, so it cannot be pinned.")
+        remote = {  # names come from the server: none may point outside the download folder
+            s.rfilename: RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id)
             for s in info.siblings or []
+            if not PurePosixPath(s.rfilename).is_absolute() and ".." not in PurePosixPath(s.rfilename).parts
         }
         ggufs = sorted(n for n in remote if n.endswith(".gguf"))
         if quant is not None:
@@ -277,19 +278,22 @@ class Hub:
         an unsupported architecture fails before any weight is transferred)."""
         from huggingface_hub import constants
 
-        constants.DOWNLOAD_CHUNK_SIZE = CHUNK_BYTES
         progress = progress or _Silent()
         plan.directory.mkdir(parents=True, exist_ok=True)
         self._check_space(plan)
-        for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
-            self._fetch(plan, remote, progress)
-            if remote.name == "config.json" and check_architecture:
-                from parrot_cli.config import Config
+        default_chunk, constants.DOWNLOAD_CHUNK_SIZE = constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES
+        try:
+            for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
+                self._fetch(plan, remote, progress)
+                if remote.name == "config.json" and check_architecture:
+                    from parrot_cli.config import Config
 
-                try:
-                    Config.from_hf(json.loads((plan.directory / "config.json").read_text()))
-                except ValueError as err:
-                    raise CheckpointError(f"{plan.repo_id}'s config.json is not valid JSON ({err}).") from err
+                    try:
+                        Config.from_hf(json.loads((plan.directory / "config.json").read_text()))
+                    except ValueError as err:
+                        raise CheckpointError(f"{plan.repo_id}'s config.json is not valid JSON ({err}).") from err
+        finally:  # http_get reads the constant at call time; restore it for other users
+            constants.DOWNLOAD_CHUNK_SIZE = default_chunk
         shutil.rmtree(plan.directory / ".partial", ignore_errors=True)
         return plan.directory
 

@@ -1,25 +1,41 @@
 """From a checkpoint directory to a ready `GPT` module on its device.
 
 The model is built on the meta device (no random initialisation, no memory), then the
-memory-mapped weights are cast, moved and assigned tensor by tensor, so no second full
-copy exists in RAM when dtype and device already match.
+memory-mapped weights are cast, moved and assigned block by block, so no second full
+copy exists in RAM when dtype and device already match. With a quantization spec each
+block's Linears are quantized as the block is assigned, and the mapped pages of weights
+already copied are handed back to the OS: peak memory holds the quantized model plus one
+block in float, never the whole model in float.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import re
+import sys
 from pathlib import Path
 
 import torch
 
-from parrot_cli.checkpoint.store import load_weights
+from parrot_cli.checkpoint.store import load_weights, weight_files
 from parrot_cli.config import Config
 from parrot_cli.errors import CheckpointError, OutOfMemoryError
 from parrot_cli.model import GPT
+from parrot_cli.quantize import QuantSpec
+from parrot_cli.quantize.apply import HEAD, quantize_linear, replace, targets
 
 
-def build_model(config: Config, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -> GPT:
-    """Build on the meta device, then assign the memory-mapped weights (cast and moved):
-    no random initialisation, no second copy when dtype and device already match."""
+def build_model(
+    config: Config,
+    checkpoint_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: QuantSpec | None = None,
+) -> GPT:
+    """Build on the meta device, then assign the memory-mapped weights (cast and moved)
+    one block at a time: no random initialisation, no second copy when dtype and device
+    already match. `quantize` replaces the Linears it targets as their block is loaded."""
     with torch.device("meta"):
         model = GPT(config)
     state = load_weights(checkpoint_dir)
@@ -30,15 +46,104 @@ def build_model(config: Config, checkpoint_dir: Path, device: torch.device, dtyp
     if missing or unexpected:
         what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
         raise CheckpointError(f"{checkpoint_dir} does not match its config ({what}).")
+    quantized = targets(model, quantize)
+    if config.tie_embeddings and HEAD in quantized:
+        state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
+    release = _PageRelease(weight_files(checkpoint_dir))
     try:
-        for name, tensor in state.items():
-            state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        model.load_state_dict(state, strict=False, assign=True)
+        for part in _by_block(state):
+            held = {t.data_ptr() for t in _assign(model, part, quantized, quantize, device, dtype)}
+            release(t for t in part.values() if t.data_ptr() not in held)
     except torch.OutOfMemoryError as err:
         raise OutOfMemoryError(f"Out of memory loading {checkpoint_dir} onto {device}.") from err
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint_dir} has weights of the wrong shape ({err}).") from err
-    if config.tie_embeddings:
+    if config.tie_embeddings and HEAD not in quantized:
         model.lm_head.weight = model.transformer.wte.weight
     model.rope.build(1, device)
     return model.eval().requires_grad_(False)
+
+
+def _by_block(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The weights in loading order: the embedding, final norm and head, then each block."""
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        match = re.match(r"transformer\.h\.(\d+)\.", name)
+        (blocks.setdefault(int(match[1]), {}) if match else rest)[name] = tensor
+    # The rest first: its float embedding is the largest single transient, and the
+    # quantized blocks are not yet there to add to it.
+    return [rest] + [blocks[i] for i in sorted(blocks)]
+
+
+def _assign(
+    model: GPT,
+    part: dict[str, torch.Tensor],
+    quantized: set[str],
+    spec: QuantSpec | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Assign one block's float tensors and quantize its targeted Linears; returns the
+    tensors the model now holds as floats."""
+    owners = {name: name.rpartition(".")[0] for name in part}
+    floats = {
+        name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        for name, tensor in part.items()
+        if owners[name] not in quantized
+    }
+    model.load_state_dict(floats, strict=False, assign=True)
+    for owner in sorted(set(owners.values()) & quantized):
+        linear = model.get_submodule(owner)
+        weight = part[owner + ".weight"]
+        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+            raise RuntimeError(f"{owner}.weight is {tuple(weight.shape)}")
+        bias = part.get(owner + ".bias")
+        bias = None if bias is None else bias.to(device)
+        replace(model, owner, quantize_linear(spec, weight.to(device), bias, dtype))
+    return list(floats.values())
+
+
+class _PageRelease:
+    """Hands memory that loading no longer needs back to the OS after each block, so the
+    peak stays near the final model's size: the mapped pages of checkpoint tensors that
+    were copied (cast, moved or quantized) -- only whole pages inside the weight files'
+    private mappings, which the kernel re-reads from the file if anything touches them
+    again -- and the temporaries glibc's malloc keeps cached (`malloc_trim`; without it a
+    quantized load ended with ~300 MB of freed heap still resident). Linux only."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, files: list[Path]) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.libc = None
+        if not sys.platform.startswith("linux"):
+            return
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        names = {str(Path(f).resolve()) for f in files}
+        try:
+            maps = Path("/proc/self/maps").read_text().splitlines()
+        except OSError:
+            return
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] in names:
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                self.ranges.append((low, high))
+
+    def __call__(self, tensors) -> None:
+        if self.libc is None:
+            return
+        page = mmap.PAGESIZE
+        for t in tensors:
+            if t.device.type != "cpu" or not t.numel():
+                continue
+            begin = t.data_ptr()
+            end = begin + t.numel() * t.element_size()
+            if not any(low <= begin and end <= high for low, high in self.ranges):
+                continue
+            first, last = -(-begin // page) * page, end // page * page
+            if last > first:
+                self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.MADV_DONTNEED)
+        if hasattr(self.libc, "malloc_trim"):  # glibc only (not musl)
+            self.libc.malloc_trim(0)

@@ -12,9 +12,8 @@ from parrot_cli.paths import checkpoints_root
 
 
 def fetch_hint(model: KnownModel) -> str:
-    if model.sources:
-        return f"get it with `parrot convert {model.name}`"
-    return f"convert a local copy of it with `parrot convert PATH --output {checkpoints_root() / model.name}`"
+    # Every registry name is a hub id or has a fetchable source: `parrot download` gets it.
+    return f"get it with `parrot download {model.aliases[0] if model.aliases else model.name}`"
 
 
 def locate(model: str | None) -> Path:

@@ -17,7 +17,7 @@ import click
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import bench, convert, generate
+from parrot_cli.cli import bench, chat, convert, download, generate, manage
 from parrot_cli.cli.common import print_error
 
 app = typer.Typer(
@@ -33,6 +33,10 @@ app = typer.Typer(
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
+app.command("chat")(chat.chat)
+app.command("download")(download.download)
+app.command("list")(manage.list_checkpoints)
+app.command("rm")(manage.remove)
 
 
 def _version(value: bool) -> None:

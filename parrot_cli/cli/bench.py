@@ -219,7 +219,10 @@ def _fmt(fig: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
 def _bytes(n: int | None) -> str:
     if n is None:
         return "—"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'GB' else 0}f} {unit}"
+    return f"{n} B"
 
 
 def _cells(row: dict[str, Any]) -> dict[str, str]:
@@ -238,7 +241,7 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "TTFT ms": _fmt(row["time_to_first_token_s"], 1000),
         "peak mem": _bytes(row["peak_memory_bytes"]),
         "weights": _bytes(row["weight_bytes"]),
-        "GB/s (of machine)": _fmt(row["bandwidth_gbs"], digits=2) + share if row["bandwidth_gbs"]["mean"] else "—",
+        "GB/s (share)": _fmt(row["bandwidth_gbs"], digits=2) + share if row["bandwidth_gbs"]["mean"] else "—",
         "ppl": f"{row['perplexity']:.3f}" if row["perplexity"] is not None else "—",
     }
     for peer, ratio in row["vs"].items():
@@ -261,11 +264,12 @@ def _columns(report: dict[str, Any]) -> tuple[list[str], list[dict[str, str]], s
     constant = [k for k in KEYS if len({cells[k] for cells in rows}) == 1] if len(rows) > 1 else []
     shown = [n for n in names if n not in constant]
     env, bw = report["environment"], report["machine_bandwidth"]
+    runs = report["settings"]["repetitions"]
     fixed = ", ".join(f"{k} {rows[0][k]}" for k in constant)
     device = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores)"
     caption = (
         f"{report['model'].get('name')} on {device}; torch {env.get('torch')}, parrot {env.get('parrot')}"
-        f" ({env.get('git_revision') or 'no git'}); {report['settings']['repetitions']} runs after "
+        f" ({env.get('git_revision') or 'no git'}); {runs} run{'s' * (runs != 1)} after "
         f"{report['settings']['warmup']} warm-up, mean ± std; machine read bandwidth "
         f"{bw.get('gbs', 0):.1f} GB/s ({bw.get('source')})" + (f"; {fixed}" if fixed else "")
     )
@@ -279,12 +283,13 @@ def _table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     names, rows, caption = _columns(report)
-    table = Table(caption=caption, caption_justify="left")
+    table = Table(caption=caption, caption_justify="left", min_width=None)
     for name in names:
         table.add_column(name, justify="left" if name in KEYS or name == "error" else "right")
     for cells in rows:
         table.add_row(*(cells.get(n, "") for n in names))
-    Console(highlight=False).print(table)
+    # Piped, the table keeps its natural width instead of folding at 80 columns.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def _markdown(report: dict[str, Any]) -> None:

@@ -96,6 +96,18 @@ Compile = Annotated[
 ]
 MaxSeqLength = Annotated[int | None, typer.Option(help=help_of("max_seq_length"), rich_help_panel="Model")]
 
+# Sampling options, shared by every command that generates (defaults from settings.SETTINGS).
+SAMPLING_PANEL = "Sampling"
+MaxNewTokens = Annotated[int | None, typer.Option(help=help_of("max_new_tokens"), rich_help_panel=SAMPLING_PANEL)]
+Temperature = Annotated[float | None, typer.Option(help=help_of("temperature"), rich_help_panel=SAMPLING_PANEL)]
+TopK = Annotated[int | None, typer.Option(help=help_of("top_k"), rich_help_panel=SAMPLING_PANEL)]
+TopP = Annotated[float | None, typer.Option(help=help_of("top_p"), rich_help_panel=SAMPLING_PANEL)]
+MinP = Annotated[float | None, typer.Option(help=help_of("min_p"), rich_help_panel=SAMPLING_PANEL)]
+RepetitionPenalty = Annotated[
+    float | None, typer.Option(help=help_of("repetition_penalty"), rich_help_panel=SAMPLING_PANEL)
+]
+Seed = Annotated[int | None, typer.Option(help=help_of("seed"), rich_help_panel=SAMPLING_PANEL)]
+
 
 def model_choice(checkpoint_dir: Path | None, model: str | None) -> str | None:
     """--checkpoint-dir and --model name the same thing; both at once is a usage error."""

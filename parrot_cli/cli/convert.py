@@ -39,8 +39,14 @@ def convert(
         return
 
     target = convert_with_progress(source, output, dtype=dtype)
+    from parrot_cli.paths import checkpoints_root
+
     console.print(f"Checkpoint written to [bold]{target}[/]")
-    console.print(f"Run it: [bold]parrot generate \"Hello\" --checkpoint-dir {target}[/]", soft_wrap=True)
+    try:  # under the root a checkpoint is named by its org/name; elsewhere by its path
+        selector = f"-m {target.resolve().relative_to(checkpoints_root().resolve())}"
+    except ValueError:
+        selector = f"--checkpoint-dir {target}"
+    console.print(f'Run it: [bold]parrot generate "Hello" {selector}[/]', soft_wrap=True)
 
 
 def convert_with_progress(
@@ -59,6 +65,7 @@ def convert_with_progress(
         TextColumn("[dim]{task.description}"),
         console=console,
         transient=True,
+        disable=not console.is_terminal,  # in a pipe or log rich would leave a blank line
     ) as progress:
         task = progress.add_task("", total=None)
 

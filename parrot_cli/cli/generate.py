@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -89,7 +88,8 @@ def generate(
         if as_json:
             for _ in stream:
                 pass
-            record = {"model": _model_name(llm.checkpoint_dir), "sample": i + 1, **stream.result.to_dict()}
+            name = llm.config.name or llm.checkpoint_dir.name
+            record = {"model": name, "sample": i + 1, **stream.result.to_dict()}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             continue
@@ -106,10 +106,6 @@ def _utf8_stdout():
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(encoding="utf-8")
     return sys.stdout
-
-
-def _model_name(path: Path) -> str:
-    return path.name
 
 
 def _print_stats(llm, result, sample: int) -> None:

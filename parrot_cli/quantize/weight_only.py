@@ -1,0 +1,183 @@
+"""Weight-only int8 and int4 Linears on torch's own packed-weight kernels.
+
+Decoding one token reads every weight once, so it is bound by memory bandwidth: int8 reads
+half the bytes of bf16 and int4 a quarter. torch ships the matching batch-1 kernels
+(`aten._weight_int8pack_mm`; `aten._weight_int4pack_mm_for_cpu` on CPU and the tinygemm
+`aten._weight_int4pack_mm` on CUDA). They are fast only with bf16 activations (fp32 ones
+take a path 15-30x slower, see FINDINGS.md), so these modules compute in bf16 whatever the
+working precision is: inputs are cast to bf16 around the kernel and the output cast back.
+
+- int8: symmetric, one scale per output channel (absmax / 127).
+- int4: asymmetric, one scale and one zero point per group of `group_size` inputs (the
+  tinygemm layout: w = (q - 8) * scale + zero, q in 0..15), scales and zeros in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parrot_cli.errors import UsageError
+
+COMPUTE = torch.bfloat16
+# Above this many rows (a prefill) int8 weights are dequantized to bf16 for one dense
+# matmul: the int8 kernel is a batch-1 kernel, 2x slower than dense bf16 at 300 rows.
+DENSE_ROWS = 16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K], bf16 scales [N]) with weight ~= q * scale[:, None]. The integers are
+    rounded against the bf16 scale the kernel will use, so rounding the scale adds no error."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(COMPUTE)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 q [N, K] in 0..15, bf16 scales_and_zeros [K / group, N, 2]) in tinygemm's
+    layout: w ~= (q - 8) * scale + zero per group of `group_size` inputs (min/max rounding)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6).to(COMPUTE)
+    zeros = (lo + 8 * scales.float()).to(COMPUTE)
+    # Round against the stored (bf16) scale and zero, so the grid is the one dequantized.
+    low = zeros.float() - 8 * scales.float()
+    q = torch.round((w - low[..., None]) / scales.float()[..., None]).clamp_(0, 15)
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return q.to(torch.int32).reshape(n, k), scales_and_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [N, K] weights that `quantize_int4`'s output stands for (for tests and checks)."""
+    n, k = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K / group, 2]
+    grouped = (q.float().reshape(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]
+    return grouped.reshape(n, k)
+
+
+class _WeightOnlyLinear(nn.Module):
+    """Shared shape handling: [*, K] inputs in any float dtype -> [*, N] in that dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = self._matmul(rows if rows.dtype == COMPUTE else rows.to(COMPUTE))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tensor_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """y = x @ (q * scale)^T + bias, with q int8 [N, K] and one bf16 scale per output."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight.size(1), weight.size(0), bias)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.use_kernel = int8_kernel_works(weight.device)
+        self.nbytes = self._tensor_bytes()  # weight bytes, read by LLM.weight_bytes
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        q, scales = quantize_int8(weight)
+        return cls(q, scales, bias)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and x.size(0) <= DENSE_ROWS:
+            return torch._weight_int8pack_mm(x, self.weight, self.scales)
+        return F.linear(x, self.weight.to(COMPUTE) * self.scales[:, None])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """y = x @ dequant(q)^T + bias with q int4 packed for torch's kernel on the weight's
+    device, and a bf16 scale and zero per group of `group_size` inputs."""
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.group_size = group_size
+        self.on_cpu = packed.device.type == "cpu"
+        self.nbytes = self._tensor_bytes()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
+        n, k = weight.shape
+        q, scales_and_zeros = quantize_int4(weight, group_size)
+        return cls(pack_int4(q), scales_and_zeros, group_size, k, n, bias)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_cpu:
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4, group_size={self.group_size}"
+        )
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K] values 0..15 -> the packed layout of torch's int4 kernel on q's device."""
+    if q.device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(q, 2)  # [N, K / 2] uint8
+    # CUDA (tinygemm): two values per byte, high nibble first, then tiled by innerKTiles.
+    k = q.size(1)
+    inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return torch._convert_weight_to_int4pack(pairs, inner_k_tiles)
+
+
+@functools.cache
+def int8_kernel_works(device: torch.device) -> bool:
+    """Whether this torch build has `_weight_int8pack_mm` for the device (CPU always has;
+    elsewhere the int8 weights are dequantized per call instead)."""
+    if device.type == "cpu":
+        return True
+    try:
+        x = torch.zeros(1, 32, dtype=COMPUTE, device=device)
+        w = torch.zeros(8, 32, dtype=torch.int8, device=device)
+        torch._weight_int8pack_mm(x, w, torch.ones(8, dtype=COMPUTE, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def require_int4_cuda(device: torch.device) -> None:
+    """torch's CUDA int4 kernel (tinygemm) needs bf16 tensor cores: Ampere or newer."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise UsageError(
+            f"--quantize int4 on CUDA needs compute capability 8.0 or newer (this GPU has "
+            f"{major}.{minor}); use --quantize bnb.nf4 or int8."
+        )
