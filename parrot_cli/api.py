@@ -298,7 +298,7 @@ class LLM:
         try:
             self.model.setup_caches(1, length, device=self.device)
             # Growing keeps what the cache held, so a conversation continues across it.
-            for block, previous in zip(self.model.transformer.h, old):
+            for block, previous in zip(self.model.transformer.h, old, strict=True):
                 if previous is not None:
                     kept = previous.k.size(2)
                     block.attn.kv_cache.k[:, :, :kept] = previous.k
