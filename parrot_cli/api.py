@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from parrot_cli.checkpoint.info import read_info
 from parrot_cli.checkpoint.load import build_model
 from parrot_cli.checkpoint.locate import locate
-from parrot_cli.checkpoint.store import read_info
 from parrot_cli.config import Config
 from parrot_cli.errors import (
     CheckpointError,

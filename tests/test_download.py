@@ -117,11 +117,29 @@ def test_only_needed_files_are_selected():
         "README.md", "config.json", "generation_config.json", "model.safetensors"]
 
 
-def test_up_to_date_check_reads_the_checkpoint_config_file():
-    from parrot_cli.checkpoint.store import CONFIG_FILE
-    from parrot_cli.cli import download
+def test_up_to_date_check_and_listing_need_no_torch(tmp_path):
+    """Telling that a model is up to date, or listing checkpoints, reads parrot_config.json
+    and safetensors headers without paying for torch's import."""
+    import subprocess
+    import sys
 
-    assert download.CONFIG_FILE == CONFIG_FILE
+    from parrot_cli.checkpoint.convert import convert
+    from tests.hf_factory import CASES_BY_ID, build
+
+    ckpt = convert(build(CASES_BY_ID["llama-mha"], tmp_path / "hf"), tmp_path / "ckpt")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from parrot_cli.cli import download, manage\n"
+        f"ckpt = Path({str(ckpt)!r})\n"
+        "assert download._recorded_source(ckpt).endswith('hf')\n"
+        "from parrot_cli.checkpoint.info import read_info, weight_files, read_safetensors_header\n"
+        "assert read_info(ckpt).config.family == 'llama'\n"
+        "assert read_safetensors_header(weight_files(ckpt)[0])[0]\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_gguf_quant_shorthand_picks_one_file():

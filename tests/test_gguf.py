@@ -21,7 +21,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from parrot_cli.checkpoint import gguf as pgguf
 from parrot_cli.checkpoint.gguf import (
     GGUFModel,
     dequantize_tensor,
@@ -800,12 +799,3 @@ def test_validator_limits_are_generous_enough_for_real_vocabularies(tmp_path: Pa
     start = time.perf_counter()
     validate_gguf_header(path)
     assert time.perf_counter() - start < 1.0
-
-
-def test_module_exports() -> None:
-    assert set(pgguf.__all__) == {
-        "GGUFModel",
-        "dequantize_tensor",
-        "read_gguf",
-        "validate_gguf_header",
-    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parrot_cli.checkpoint.store import CONFIG_FILE
+from parrot_cli.checkpoint.info import CONFIG_FILE
 from parrot_cli.config import DEFAULT_MODELS, KNOWN_MODELS, KnownModel, find_known
 from parrot_cli.errors import ModelNotFoundError
 from parrot_cli.paths import checkpoints_root

@@ -214,18 +214,16 @@ def _status(text: str) -> Any:
     return console.status(text, spinner="dots") if console.is_terminal else nullcontext()
 
 
-# = store.CONFIG_FILE (a test holds them equal): store imports torch, and telling that a
-# model is up to date must not cost torch's import.
-CONFIG_FILE = "parrot_config.json"
-
-
 def _recorded_source(target: Path) -> str | None:
-    """The provenance source of the checkpoint at `target` (None when there is none)."""
-    import json
+    """The provenance source of the checkpoint at `target` (None when there is none).
+    Reads parrot_config.json through the torch-free `info` module: telling that a model
+    is up to date must not cost torch's import."""
+    from parrot_cli.checkpoint.info import read_info
+    from parrot_cli.errors import ParrotError
 
     try:
-        return json.loads((target / CONFIG_FILE).read_text())["provenance"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_info(target).provenance.get("source")
+    except ParrotError:
         return None
 
 

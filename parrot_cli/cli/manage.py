@@ -63,7 +63,7 @@ def remove(
     """Delete a checkpoint (asks first)."""
     import click
 
-    from parrot_cli.cli.download import CONFIG_FILE  # store's, without importing torch
+    from parrot_cli.checkpoint.info import CONFIG_FILE
     from parrot_cli.config import find_known
     from parrot_cli.errors import ModelNotFoundError
     from parrot_cli.paths import checkpoints_root
@@ -95,7 +95,7 @@ def remove(
 def find_checkpoints(root: Path) -> list[Path]:
     """Directories under `root` (up to ORG/NAME depth and one more) holding a parrot_config.json;
     half-written `.partial`/`.old` directories are not checkpoints."""
-    from parrot_cli.checkpoint.store import CONFIG_FILE
+    from parrot_cli.checkpoint.info import CONFIG_FILE
 
     found = []
     for depth in ("*", "*/*", "*/*/*"):
@@ -107,7 +107,7 @@ def find_checkpoints(root: Path) -> list[Path]:
 
 
 def _describe(d: Path, root: Path) -> dict[str, Any]:
-    from parrot_cli.checkpoint.store import read_info, read_safetensors_header, weight_files
+    from parrot_cli.checkpoint.info import read_info, read_safetensors_header, weight_files
     from parrot_cli.config import human_count
     from parrot_cli.errors import ParrotError
 
@@ -146,7 +146,7 @@ def _describe(d: Path, root: Path) -> dict[str, Any]:
 
 
 def _known_rows(root: Path) -> list[dict[str, Any]]:
-    from parrot_cli.checkpoint.store import CONFIG_FILE
+    from parrot_cli.checkpoint.info import CONFIG_FILE
     from parrot_cli.config import KNOWN_MODELS, human_count
 
     rows = []
