@@ -138,9 +138,17 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Max allocated on CUDA; peak resident set size of the process on CPU."""
+    """Max allocated on CUDA; peak resident set size of the process on CPU. On Linux this
+    reads VmHWM: ru_maxrss survives exec, so a child of a large process would report its
+    parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -480,7 +488,9 @@ class LLM:
             else:
                 result.finish_reason = "length"
             if result.finish_reason != "stop":
-                text, stopped = stopper.push(decoder.flush())
+                # Generation can end inside a multi-byte character (the length limit cut
+                # it): those bytes decode to U+FFFD, which is not text the model wrote.
+                text, stopped = stopper.push(decoder.flush().rstrip("\ufffd"))
                 tail = text if stopped else text + stopper.flush()
                 if stopped:
                     result.finish_reason = "stop"

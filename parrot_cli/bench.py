@@ -20,9 +20,11 @@ never mixes two runs of a noisy machine. Nothing here prints: progress goes to a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib.util
+import io
 import itertools
 import math
 import os
@@ -44,8 +46,8 @@ SCHEMA = "parrot-bench/1"
 PARROT = "parrot"
 # Peer engine -> (module to import, what to install). Optional extras: never required.
 PEERS: dict[str, tuple[str, str]] = {
-    "transformers": ("transformers", "pip install transformers accelerate"),
-    "llama.cpp": ("llama_cpp", "pip install llama-cpp-python"),
+    "transformers": ("transformers", "pip install 'parrot-cli[peers]'"),
+    "llama.cpp": ("llama_cpp", "pip install 'parrot-cli[llamacpp]'"),
 }
 BANDWIDTH_PROBE_BYTES = 512 * 1024**2  # large enough to defeat every cache level
 PROMPT_SEED = 0  # the same random prompt for every configuration and engine
@@ -476,10 +478,14 @@ class _Transformers(_Engine):
         self.device = torch.device(plan.device)
         self.precision = config.precision
         dtype = precision_dtype(config.precision or "32-true")
-        if weights.is_file():  # a GGUF: transformers dequantizes it, as parrot's convert did
-            model = AutoModelForCausalLM.from_pretrained(weights.parent, gguf_file=weights.name, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
+        # Its GGUF reader draws a tqdm bar of its own that no setting turns off.
+        with contextlib.redirect_stderr(io.StringIO()):
+            if weights.is_file():  # a GGUF: transformers dequantizes it, as parrot's convert did
+                model = AutoModelForCausalLM.from_pretrained(
+                    weights.parent, gguf_file=weights.name, dtype=dtype
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
         self.model = model.to(self.device).eval()
         # No EOS: exactly the requested number of decode steps, as for parrot.
         self.model.generation_config.eos_token_id = None

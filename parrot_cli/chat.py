@@ -149,11 +149,12 @@ class ChatSession:
         """Add a user message and start the reply to it."""
         if not text.strip():
             raise UsageError("The message is empty.")
+        saved = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
             return self._start()
         except BaseException:
-            self.messages.pop()
+            self.messages = saved  # trimming for a message that fits nowhere is undone too
             raise
 
     def regenerate(self) -> Turn:

@@ -180,7 +180,7 @@ def test_bad_values_are_one_line_usage_errors(tiny, capsys, args, fragment):
 def test_vs_llama_cpp_without_the_package_names_it(tiny, capsys):
     code, out, err = bench(capsys, "--checkpoint-dir", str(tiny), "--vs", "llama.cpp")
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "llama-cpp-python" in err and "--vs llama.cpp" in err
+    assert err.count("\n") == 1 and "parrot-cli[llamacpp]" in err and "--vs llama.cpp" in err
 
 
 def test_failed_configuration_is_its_rows_error(tiny, capsys):
@@ -236,7 +236,7 @@ def test_real_command_prints_a_table(tiny):
     result = run_parrot("bench", "--checkpoint-dir", str(tiny), "-p", "4", "-n", "2",
                         "--precision", "32-true,bf16-true", "-r", "1", "--bandwidth", "20")
     assert result.returncode == 0, result.stderr
-    assert "pp t/s" in result.stdout and "tg t/s" in result.stdout and "peak mem" in result.stdout
+    assert "pp t/s" in result.stdout and "tg t/s" in result.stdout and "peak mem (+load)" in result.stdout
     assert "32-true" in result.stdout and "bf16-true" in result.stdout
     assert "20.0 GB/s (given)" in result.stdout
     assert result.stderr.count("done:") == 2 and "Traceback" not in result.stderr

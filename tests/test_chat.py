@@ -16,7 +16,7 @@ from parrot_cli.prompt_styles import TemplateStyle
 
 pytestmark = pytest.mark.smollm2
 
-GREEDY = {"temperature": 0, "max_new_tokens": 12}
+GREEDY = {"temperature": 0, "max_new_tokens": 8}
 
 
 def fresh_reply(llm, session: ChatSession, messages, **sampling) -> str:
@@ -114,17 +114,17 @@ def test_interrupted_reply_keeps_the_session(smollm2_llm):
 def test_overflow_drops_oldest_exchanges_but_never_the_system_prompt(smollm2_llm):
     base = smollm2_llm
     small = LLM(base.model, base.tokenizer, base.config, base.checkpoint_dir, base.settings, base.device,
-                base.precision, fixed_max_seq_length=150)
-    session = ChatSession(small, system="You are terse.", overrides={**GREEDY, "max_new_tokens": 16})
+                base.precision, fixed_max_seq_length=80)
+    session = ChatSession(small, system="You are terse.", overrides={**GREEDY, "max_new_tokens": 8})
     dropped = 0
     for prompt in ["Name a fruit.", "Name a colour.", "Name an animal.", "Name a city."]:
         turn = session.send(prompt)
         reply = "".join(turn)
         dropped += turn.stats.dropped
         ids = session.encode(session.conversation()[:-1])
-        assert len(ids) + 16 <= 150
+        assert len(ids) + 8 <= 80
         assert turn.stats.prefilled == len(ids) - turn.stats.reused
-        assert reply == fresh_reply(small, session, session.conversation()[:-1], max_new_tokens=16)
+        assert reply == fresh_reply(small, session, session.conversation()[:-1], max_new_tokens=8)
     assert dropped >= 1
     assert session.conversation()[0] == {"role": "system", "content": "You are terse."}
     assert session.messages[0]["role"] == "user" and session.messages[0]["content"] != "Name a fruit."
@@ -133,7 +133,7 @@ def test_overflow_drops_oldest_exchanges_but_never_the_system_prompt(smollm2_llm
 
     # A single message that cannot fit is one clear error, and the session is unchanged.
     before = list(session.messages)
-    with pytest.raises(ContextLengthError, match="context window is 150"):
+    with pytest.raises(ContextLengthError, match="context window is 80"):
         session.send("word " * 200)
     assert session.messages == before
 

@@ -28,7 +28,7 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -103,7 +103,6 @@ class Plan:
     commit: str
     files: list[RemoteFile]
     gguf: str | None = None  # the one .gguf file, when the repo is imported from GGUF
-    available_ggufs: list[str] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:
@@ -129,14 +128,6 @@ def parse_repo(text: str) -> tuple[str, str | None]:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or (":" in text and not quant):
         raise UsageError(f"{text!r} is not a hub repository id (ORG/NAME or ORG/NAME:QUANT).")
     return repo, quant or None
-
-
-def is_repo_id(text: str) -> bool:
-    try:
-        parse_repo(text)
-    except UsageError:
-        return False
-    return True
 
 
 def select_files(
@@ -263,7 +254,7 @@ class Hub:
                 )
             raise CheckpointError(f"{repo_id} has no config.json, so it is not a model parrot can convert.")
         names = select_files(list(remote), include, exclude)
-        return Plan(repo_id, info.sha, [remote[n] for n in names], available_ggufs=ggufs)
+        return Plan(repo_id, info.sha, [remote[n] for n in names])
 
     # ------------------------------------------------------------------ fetching
 

@@ -239,7 +239,11 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "pp t/s": _fmt(row["pp_tokens_per_s"]),
         "tg t/s": _fmt(row["tg_tokens_per_s"]),
         "TTFT ms": _fmt(row["time_to_first_token_s"], 1000),
-        "peak mem": _bytes(row["peak_memory_bytes"]),
+        # The process peak, and what it rose above the memory held before loading.
+        "peak mem (+load)": _bytes(row["peak_memory_bytes"]) + (
+            f" (+{_bytes(row['peak_memory_bytes'] - row['baseline_memory_bytes'])})"
+            if row["peak_memory_bytes"] and row["baseline_memory_bytes"] else ""
+        ),
         "weights": _bytes(row["weight_bytes"]),
         "GB/s (share)": _fmt(row["bandwidth_gbs"], digits=2) + share if row["bandwidth_gbs"]["mean"] else "—",
         "ppl": f"{row['perplexity']:.3f}" if row["perplexity"] is not None else "—",

@@ -27,11 +27,14 @@ from parrot_cli.cli.common import (
     CheckpointDir,
     Compile,
     Device,
+    GroupSize,
     MaxNewTokens,
     MaxSeqLength,
     MinP,
     ModelName,
     Precision,
+    Quantize,
+    QuantizeHead,
     RepetitionPenalty,
     Seed,
     Temperature,
@@ -90,6 +93,9 @@ def chat(
     device: Device = None,
     threads: Threads = None,
     compile: Compile = None,
+    quantize: Quantize = None,
+    group_size: GroupSize = None,
+    quantize_head: QuantizeHead = None,
 ) -> None:
     """Chat with a model: a multi-turn REPL (/help lists its commands); piped stdin is read as messages."""
     from parrot_cli.chat import ChatSession
@@ -111,6 +117,9 @@ def chat(
         max_seq_length=max_seq_length,
         compile=bool(compile),
         threads=threads,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_head=quantize_head,
         settings=Settings(flags=sampling),
     )
     session = ChatSession(llm, system=system, prompt_style=prompt_style)

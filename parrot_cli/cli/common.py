@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from parrot_cli.errors import ParrotError, UsageError
 from parrot_cli.settings import PRECISIONS, SETTINGS
@@ -23,7 +24,7 @@ def print_error(err: BaseException | str) -> int:
     """Print one line for `err` (a traceback too with --debug/PARROT_DEBUG); return the exit code."""
     debug = os.environ.get("PARROT_DEBUG", "") not in ("", "0")
     if isinstance(err, str):
-        console.print(f"[bold red]Error:[/] {err}", markup=True, soft_wrap=True)
+        console.print(f"[bold red]Error:[/] {escape(err)}", markup=True, soft_wrap=True)
         return 1
     if debug:
         traceback.print_exception(err, file=sys.stderr)
@@ -38,7 +39,7 @@ def print_error(err: BaseException | str) -> int:
         message = f"Unexpected error ({type(err).__name__}: {err})." + (
             "" if debug else " Run with --debug for details."
         )
-    console.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+    console.print(f"[bold red]Error:[/] {escape(message)}", markup=True, soft_wrap=True, highlight=False)
     return code
 
 
@@ -95,6 +96,31 @@ Compile = Annotated[
     bool | None, typer.Option("--compile/--no-compile", help=help_of("compile"), rich_help_panel="Model")
 ]
 MaxSeqLength = Annotated[int | None, typer.Option(help=help_of("max_seq_length"), rich_help_panel="Model")]
+
+
+def _complete_quantize(incomplete: str) -> list[str]:
+    from parrot_cli.quantize import ALIASES, MODES
+
+    return [m for m in ("none", *MODES, *ALIASES) if m.startswith(incomplete)]
+
+
+QUANTIZED_WHAT = (
+    "Every Linear of the transformer blocks is quantized; embeddings and norms stay in the "
+    "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16."
+)
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        help=f"{help_of('quantize')} {QUANTIZED_WHAT}",
+        autocompletion=_complete_quantize,
+        rich_help_panel="Model",
+    ),
+]
+GroupSize = Annotated[int | None, typer.Option(help=help_of("group_size"), rich_help_panel="Model")]
+QuantizeHead = Annotated[
+    bool | None,
+    typer.Option("--quantize-head/--no-quantize-head", help=help_of("quantize_head"), rich_help_panel="Model"),
+]
 
 # Sampling options, shared by every command that generates (defaults from settings.SETTINGS).
 SAMPLING_PANEL = "Sampling"

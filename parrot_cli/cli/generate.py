@@ -9,21 +9,29 @@ from typing import Annotated
 import typer
 
 from parrot_cli.cli.common import (
+    SAMPLING_PANEL,
     CheckpointDir,
     Compile,
     Device,
+    GroupSize,
+    MaxNewTokens,
     MaxSeqLength,
+    MinP,
     ModelName,
     Precision,
+    Quantize,
+    QuantizeHead,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
     Threads,
+    TopK,
+    TopP,
     console,
-    help_of,
     load_llm,
     model_choice,
 )
 from parrot_cli.errors import UsageError
-
-SAMPLING = "Sampling"
 
 
 def generate(
@@ -34,25 +42,26 @@ def generate(
     system: Annotated[
         str | None, typer.Option(help="System message (implies --chat).")
     ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help=help_of("max_new_tokens"), rich_help_panel=SAMPLING)] = None,
-    temperature: Annotated[float | None, typer.Option(help=help_of("temperature"), rich_help_panel=SAMPLING)] = None,
-    top_k: Annotated[int | None, typer.Option(help=help_of("top_k"), rich_help_panel=SAMPLING)] = None,
-    top_p: Annotated[float | None, typer.Option(help=help_of("top_p"), rich_help_panel=SAMPLING)] = None,
-    min_p: Annotated[float | None, typer.Option(help=help_of("min_p"), rich_help_panel=SAMPLING)] = None,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help=help_of("repetition_penalty"), rich_help_panel=SAMPLING)
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help=help_of("seed"), rich_help_panel=SAMPLING)] = None,
+    max_new_tokens: MaxNewTokens = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    seed: Seed = None,
     stop: Annotated[
         list[str] | None,
-        typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed.", rich_help_panel=SAMPLING),
+        typer.Option("--stop", help="Stop when this text appears (repeatable); it is not printed.", rich_help_panel=SAMPLING_PANEL),
     ] = None,
-    num_samples: Annotated[int, typer.Option(min=1, help="Generate this many samples.", rich_help_panel=SAMPLING)] = 1,
+    num_samples: Annotated[int, typer.Option(min=1, help="Generate this many samples.", rich_help_panel=SAMPLING_PANEL)] = 1,
     max_seq_length: MaxSeqLength = None,
     precision: Precision = None,
     device: Device = None,
     threads: Threads = None,
     compile: Compile = None,
+    quantize: Quantize = None,
+    group_size: GroupSize = None,
+    quantize_head: QuantizeHead = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per sample instead of streaming text.")
     ] = False,
@@ -68,6 +77,9 @@ def generate(
         max_seq_length=max_seq_length,
         compile=bool(compile),
         threads=threads,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_head=quantize_head,
     )
     as_chat = chat or system is not None
     request = [{"role": "user", "content": text}] if as_chat else text
@@ -115,6 +127,12 @@ def _print_stats(llm, result, sample: int) -> None:
         f"[dim]Time for inference {sample}: {result.seconds:.02f} sec total, "
         f"{result.tokens_per_second:.02f} tokens/sec, {result.generated_tokens} tokens "
         f"(first token after {result.time_to_first_token:.02f} sec, prompt {result.prompt_tokens} tokens)\n"
-        f"Memory used: {peak_memory_bytes(llm.device) / 1e9:.02f} GB[/]",
+        f"Memory used: {peak_memory_bytes(llm.device) / 1e9:.02f} GB "
+        f"(weights {llm.weight_bytes() / 1e9:.02f} GB, {_weights_kind(llm)})[/]",
         soft_wrap=True,
     )
+
+
+def _weights_kind(llm) -> str:
+    """What the weight memory holds: the quantization mode, or the working precision."""
+    return llm.quantization.describe() if llm.quantization else llm.precision

@@ -113,6 +113,17 @@ def linear_inputs(config: Config, quantize_head: bool) -> dict[str, int]:
     return inputs
 
 
+def linear_outputs(config: Config, quantize_head: bool) -> dict[str, int]:
+    """Output size of each kind of quantized Linear (torch's CPU int4 packing needs
+    multiples of 16)."""
+    fc = config.intermediate_size * (2 if config.mlp_class == "GatedMLP" else 1)
+    outputs = {"attn.qkv": sum(config.qkv_sizes), "attn.proj": config.n_embd, "mlp.fc": fc,
+               "mlp.proj": config.n_embd}
+    if quantize_head:
+        outputs["lm_head"] = config.vocab_size
+    return outputs
+
+
 def default_group_size(config: Config, quantize_head: bool, provenance: dict[str, Any] | None = None) -> int:
     """The int4 group size for a model: 32 when the weights came from a llama.cpp 4-bit
     file quantized in blocks of 32 (re-quantizing on the same blocks keeps their values),
@@ -171,6 +182,13 @@ def plan(
             f"--group-size {group_size} is not one torch's int4 kernel takes; "
             f"use {', '.join(str(g) for g in sorted(INT4_GROUP_SIZES))}."
         )
+    outputs = linear_outputs(config, quantize_head)
+    for layer, size in outputs.items():
+        if size % 16:
+            raise UsageError(
+                f"--quantize int4 needs output sizes that are multiples of 16, and {layer} has "
+                f"{size}; use --quantize int8."
+            )
     inputs = linear_inputs(config, quantize_head)
     for layer, size in inputs.items():
         if size % group_size:

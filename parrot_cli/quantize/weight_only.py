@@ -26,6 +26,8 @@ COMPUTE = torch.bfloat16
 # Above this many rows (a prefill) int8 weights are dequantized to bf16 for one dense
 # matmul: the int8 kernel is a batch-1 kernel, 2x slower than dense bf16 at 300 rows.
 DENSE_ROWS = 16
+# int4: fractions of each group's min..max range tried as the quantization range.
+RANGE_SHRINK = (1.0, 0.9, 0.8)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,17 +41,55 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int32 q [N, K] in 0..15, bf16 scales_and_zeros [K / group, N, 2]) in tinygemm's
-    layout: w ~= (q - 8) * scale + zero per group of `group_size` inputs (min/max rounding)."""
+    layout: w ~= (q - 8) * scale + zero per group of `group_size` inputs.
+
+    Plain min/max rounding wastes levels on outliers. Each group tries a few narrower
+    ranges, refits scale and offset to its rounded values by least squares (as llama.cpp's
+    k-quants do), and keeps the candidate with the smallest squared error. On SmolLM2 at
+    group size 64 that cut the perplexity ratio over fp32 from 1.46x (min/max) to 1.36x,
+    for ~2x the quantization time (a few seconds for 135M parameters)."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-6).to(COMPUTE)
-    zeros = (lo + 8 * scales.float()).to(COMPUTE)
-    # Round against the stored (bf16) scale and zero, so the grid is the one dequantized.
-    low = zeros.float() - 8 * scales.float()
-    q = torch.round((w - low[..., None]) / scales.float()[..., None]).clamp_(0, 15)
-    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-    return q.to(torch.int32).reshape(n, k), scales_and_zeros
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    best_q = best_scale = best_zero = best_err = None
+    for shrink in RANGE_SHRINK:
+        low = mid - half * shrink
+        scale = (2 * half * shrink / 15).clamp(min=1e-8)
+        q = _round4(w, low, scale)
+        scale, low = _refit(w, q, scale, low)
+        # What is stored: bf16 scale and zero; round against exactly those.
+        scale = scale.clamp(min=1e-8).to(COMPUTE)
+        zero = (low + 8 * scale.float()).to(COMPUTE)
+        low = zero.float() - 8 * scale.float()
+        q = _round4(w, low, scale.float())
+        err = ((q * scale.float()[..., None] + low[..., None] - w) ** 2).sum(-1)
+        if best_err is None:
+            best_q, best_scale, best_zero, best_err = q, scale, zero, err
+            continue
+        better = err < best_err
+        best_q = torch.where(better[..., None], q, best_q)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_err = torch.minimum(err, best_err)
+    scales_and_zeros = torch.stack([best_scale, best_zero], dim=-1).transpose(0, 1).contiguous()
+    return best_q.to(torch.int32).reshape(n, k), scales_and_zeros
+
+
+def _round4(w: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15)
+
+
+def _refit(
+    w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares scale and offset for w ~= q * scale + low per group (kept where a
+    group's q are all equal)."""
+    q_mean, w_mean = q.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+    var = ((q - q_mean) ** 2).sum(-1)
+    cov = ((q - q_mean) * (w - w_mean)).sum(-1)
+    fitted = torch.where(var > 0, cov / var.clamp(min=1e-12), scale)
+    return fitted, w_mean[..., 0] - fitted * q_mean[..., 0]
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -72,10 +112,10 @@ class _WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         y = self._matmul(rows if rows.dtype == COMPUTE else rows.to(COMPUTE))
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
