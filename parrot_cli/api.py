@@ -283,9 +283,15 @@ class LLM:
 
     # ------------------------------------------------------------------ cache
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """float32 on CPU: there the decode attention's small bf16 matmuls are slow (an fp32
+        cache measured ~9% faster per SmolLM2 token in bf16); the working dtype elsewhere."""
+        return torch.float32 if self.device.type == "cpu" else precision_dtype(self.precision)
+
     def cache_bytes(self, length: int) -> int:
         c = self.config
-        itemsize = torch.empty(0, dtype=precision_dtype(self.precision)).element_size()
+        itemsize = torch.empty(0, dtype=self.cache_dtype).element_size()
         return 2 * c.n_layer * c.n_query_groups * c.head_size * length * itemsize
 
     def ensure_cache(self, needed: int) -> int:
@@ -304,7 +310,7 @@ class LLM:
         old = [block.attn.kv_cache for block in self.model.transformer.h]
         self.model.clear_caches()
         try:
-            self.model.setup_caches(1, length, device=self.device)
+            self.model.setup_caches(1, length, device=self.device, dtype=self.cache_dtype)
             # Growing keeps what the cache held, so a conversation continues across it.
             for block, previous in zip(self.model.transformer.h, old, strict=True):
                 if previous is not None:

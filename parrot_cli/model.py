@@ -176,6 +176,7 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)
             if T == 1 and mask is None:
                 return self.proj(self._decode_attention(q, k, v).reshape(B, 1, self.n_head * hs))
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -193,11 +194,11 @@ class CausalSelfAttention(nn.Module):
         """One query token against the cached prefix, as two batched matmuls with the query
         heads grouped under their kv head (no repeated k/v, no SDPA dispatch: at T=1 the
         fused kernel's overhead is most of its cost). q: [B, H, 1, hs]; k, v: [B, G, L, hs]."""
-        B, G = q.size(0), self.n_kv
-        q = q.view(B, G, self.n_head // G, self.head_size)  # [B, G, H/G, hs]
+        B, G, dtype = q.size(0), self.n_kv, q.dtype
+        q = q.view(B, G, self.n_head // G, self.head_size).to(k.dtype)  # [B, G, H/G, hs]
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_size))
         probs = scores.float().softmax(dim=-1).to(v.dtype)  # [B, G, H/G, L]
-        return torch.matmul(probs, v)  # [B, G, H/G, hs] == heads in order
+        return torch.matmul(probs, v).to(dtype)  # [B, G, H/G, hs] == heads in order
 
 
 class KVCache(nn.Module):
