@@ -218,7 +218,7 @@ def test_ctrl_c_prints_what_was_measured(tiny, capsys):
 
 
 def test_peak_memory_is_per_configuration():
-    from parrot_cli.bench import PeakMemory
+    from parrot_cli.machine import PeakMemory
 
     memory = PeakMemory("cpu")
     assert memory.method == "rss-peak"

@@ -21,6 +21,7 @@ import torch
 from parrot_cli.checkpoint.store import load_weights, weight_files
 from parrot_cli.config import Config
 from parrot_cli.errors import CheckpointError, OutOfMemoryError
+from parrot_cli.machine import malloc_trim
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec
 from parrot_cli.quantize.apply import HEAD, quantize_linear, replace, targets
@@ -145,5 +146,4 @@ class _PageRelease:
             first, last = -(-begin // page) * page, end // page * page
             if last > first:
                 self.libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self.MADV_DONTNEED)
-        if hasattr(self.libc, "malloc_trim"):  # glibc only (not musl)
-            self.libc.malloc_trim(0)
+        malloc_trim()
