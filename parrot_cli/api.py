@@ -6,7 +6,6 @@ one way: prompt -> tokenizer -> model (+ KV cache) -> sampler -> detokenizer -> 
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from parrot_cli.checkpoint.info import read_info
+from parrot_cli.checkpoint.info import read_info, read_json
 from parrot_cli.checkpoint.load import build_model
 from parrot_cli.checkpoint.locate import locate
 from parrot_cli.config import Config
@@ -239,7 +238,7 @@ class LLM:
         )
         if threads := settings.get("threads"):
             torch.set_num_threads(threads)
-        generation_config = _read_json(checkpoint_dir / "generation_config.json")
+        generation_config = read_json(checkpoint_dir / "generation_config.json")
         settings = settings.with_checkpoint(generation_config)
         tokenizer = (
             Tokenizer.from_dir(checkpoint_dir)
@@ -546,12 +545,3 @@ class LLM:
                     seen.add(p.data_ptr())
                     total += p.numel() * p.element_size()
         return total
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not valid JSON.") from err

@@ -30,6 +30,7 @@ from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError,
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from parrot_cli.checkpoint.info import read_json
 from parrot_cli.errors import CheckpointError, ParrotError, UsageError
 
 __all__ = [
@@ -52,25 +53,6 @@ class ChatTemplateError(ParrotError):
 # --------------------------------------------------------------------------------------------
 # File reading helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
-    """Read a JSON object file; a missing optional file reads as `{}`.
-
-    Every failure becomes a `CheckpointError` naming the file, because the user's fix is the
-    same in all cases: re-download or re-convert the checkpoint.
-    """
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"The checkpoint at {path.parent} has no {path.name}.")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object.")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
@@ -358,8 +340,8 @@ class Tokenizer:
                 f"{tok_file} is corrupt or not a tokenizers file ({_one_line(str(exc))})."
             ) from exc
 
-        config = _read_json(path / "tokenizer_config.json", required=False)
-        gen_config = _read_json(path / "generation_config.json", required=False)
+        config = read_json(path / "tokenizer_config.json", required=False)
+        gen_config = read_json(path / "generation_config.json", required=False)
 
         # Newer transformers saves the template as its own file; it wins over the config key
         # because transformers itself prefers it when both exist.

@@ -5,7 +5,6 @@ output shard), and the result appears atomically (see `store.CheckpointWriter`).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from parrot_cli.checkpoint.hf import (
     read_hf_config,
 )
 from parrot_cli.checkpoint.hub import TOKENIZER_FILES
-from parrot_cli.checkpoint.store import CheckpointWriter, Progress, sha256_file
+from parrot_cli.checkpoint.info import read_json, sha256_file
+from parrot_cli.checkpoint.store import CheckpointWriter, Progress
 from parrot_cli.config import Config, KnownModel, find_known
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
@@ -135,12 +135,7 @@ def _write(
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:
     """The source's generation_config.json with eos_token_id normalised to a list."""
-    data: dict[str, Any] = {}
-    if source_dir is not None and (source_dir / "generation_config.json").is_file():
-        try:
-            data = json.loads((source_dir / "generation_config.json").read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{source_dir / 'generation_config.json'} is not valid JSON.") from err
+    data = read_json(source_dir / "generation_config.json") if source_dir is not None else {}
     eos = data.get("eos_token_id", config.eos_token_id)
     eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     for extra in config.eos_token_id:

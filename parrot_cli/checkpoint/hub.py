@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from parrot_cli.checkpoint.info import hash_file, sha256_file
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, ParrotError, UsageError
 from parrot_cli.paths import cache_dir
 
@@ -167,27 +168,13 @@ def pick_gguf(ggufs: Sequence[str], quant: str) -> str:
 
 def git_blob_sha1(path: Path) -> str:
     """The git object id of a file: sha1 over "blob SIZE\\0" + content (the hub's ETag of small files)."""
-    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    _hash_into(h, path)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    _hash_into(h, path)
-    return h.hexdigest()
-
-
-def _hash_into(h: Any, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 1024**2):
-            h.update(chunk)
+    return hash_file(hashlib.sha1(b"blob %d\0" % path.stat().st_size), path).hexdigest()
 
 
 def verify(path: Path, expected: str, name: str) -> None:
     """Compare with the hub's checksum (64 hex = sha256, 40 hex = git blob sha1); on a
     mismatch delete the file, so the next run fetches it again."""
-    actual = sha256_of(path) if len(expected) == 64 else git_blob_sha1(path)
+    actual = sha256_file(path) if len(expected) == 64 else git_blob_sha1(path)
     if actual != expected:
         path.unlink(missing_ok=True)
         kind = "sha256" if len(expected) == 64 else "git blob sha1"

@@ -4,6 +4,7 @@ locating and removing checkpoints use this; `store` adds the torch side."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -106,3 +107,32 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return table, 8 + n
 
 
+def read_json(path: Path, *, required: bool = False) -> dict[str, Any]:
+    """Read a JSON object file of a checkpoint; a missing optional file reads as `{}`.
+
+    Every failure becomes a `CheckpointError` naming the file, because the user's fix is the
+    same in all cases: re-download or re-convert the checkpoint.
+    """
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"The checkpoint at {path.parent} has no {path.name}.")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object.")
+    return data
+
+
+def hash_file(h: Any, path: Path, chunk: int = 8 * 1024**2) -> Any:
+    """Feed a file into a hashlib object in chunks (weights do not fit in memory twice)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h
+
+
+def sha256_file(path: Path) -> str:
+    return hash_file(hashlib.sha256(), path).hexdigest()

@@ -15,7 +15,6 @@ a truncated or corrupt file is one clear error, not a crash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -37,6 +36,7 @@ from parrot_cli.checkpoint.info import (  # noqa: F401 (re-exported: the format'
     CheckpointInfo,
     read_info,
     read_safetensors_header,
+    sha256_file,
     weight_files,
 )
 from parrot_cli.config import Config
@@ -94,14 +94,6 @@ def load_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def sha256_file(path: Path, chunk: int = 8 * 1024**2) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:

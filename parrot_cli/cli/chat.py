@@ -45,6 +45,7 @@ from parrot_cli.cli.common import (
     load_llm,
     model_choice,
     print_error,
+    utf8_stdout,
 )
 from parrot_cli.errors import ParrotError, UsageError
 
@@ -125,14 +126,8 @@ def chat(
     session = ChatSession(llm, system=system, prompt_style=prompt_style)
     session.llm.sampling()  # a bad --temperature etc. is a usage error now, not at the first reply
     if not sys.stdin.isatty():
-        raise typer.Exit(run_piped(session, sys.stdin, _utf8_stdout(), multiline=multiline, quiet=quiet))
+        raise typer.Exit(run_piped(session, sys.stdin, utf8_stdout(), multiline=multiline, quiet=quiet))
     raise typer.Exit(Repl(session, ChatTerminal(), raw=raw, quiet=quiet).run())
-
-
-def _utf8_stdout() -> TextIO:
-    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
-        sys.stdout.reconfigure(encoding="utf-8")
-    return sys.stdout
 
 
 # ---------------------------------------------------------------------- shared text

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -150,3 +150,10 @@ def load_llm(**kwargs: Any):
         llm = LLM.load(**kwargs)
     llm.notify = lambda message: console.print(f"[dim]{message}[/]")
     return llm
+
+
+def utf8_stdout() -> TextIO:
+    """stdout that writes UTF-8 whatever the locale says (model text is Unicode)."""
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(encoding="utf-8")
+    return sys.stdout

@@ -30,6 +30,7 @@ from parrot_cli.cli.common import (
     console,
     load_llm,
     model_choice,
+    utf8_stdout,
 )
 from parrot_cli.errors import UsageError
 
@@ -83,7 +84,7 @@ def generate(
     )
     as_chat = chat or system is not None
     request = [{"role": "user", "content": text}] if as_chat else text
-    out = _utf8_stdout()
+    out = utf8_stdout()
     for i in range(num_samples):
         stream = llm.stream(
             request,
@@ -111,13 +112,6 @@ def generate(
         out.write("\n")
         out.flush()
         _print_stats(llm, stream.result, i + 1)
-
-
-def _utf8_stdout():
-    """stdout that writes UTF-8 whatever the locale says (model text is Unicode)."""
-    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
-        sys.stdout.reconfigure(encoding="utf-8")
-    return sys.stdout
 
 
 def _print_stats(llm, result, sample: int) -> None:
