@@ -157,10 +157,11 @@ def _convert_hf(
 ) -> Path:
     hf = read_hf_config(src_dir)
     config = Config.from_hf(hf, name=known.name if known else target.name)
-    config.eos_token_id = _generation_config(src_dir, config)["eos_token_id"]
+    generation = _generation_config(src_dir, config)
+    config.eos_token_id = generation["eos_token_id"]
     weights = open_hf_weights(src_dir)
     files: dict[str, Any] = {n: src_dir / n for n in TOKENIZER_FILES if (src_dir / n).is_file()}
-    files["generation_config.json"] = _generation_config(src_dir, config)
+    files["generation_config.json"] = generation
     provenance.update(
         {
             "format": "huggingface",
