@@ -33,6 +33,7 @@ from parrot_cli.kernels import can_pack, pack_linears
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
+from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
 from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
@@ -176,6 +177,7 @@ class LLM:
         self.fixed_max_seq_length = fixed_max_seq_length
         self.load_seconds = 0.0
         self.quantization: QuantSpec | None = None  # what LLM.load quantized, if anything
+        self.stored_quantization: QuantizationConfig | None = None  # what the checkpoint holds
         # Called with one-line notices (e.g. a large KV cache); the CLI prints them dimmed.
         self.notify: Callable[[str], None] = lambda message: None
 
@@ -222,6 +224,7 @@ class LLM:
         resolve_mode(settings.get("quantize"))  # an unknown mode fails before anything else
         checkpoint_dir = locate(settings.get("model"))
         info = read_info(checkpoint_dir)
+        stored = read_quantization_config(checkpoint_dir)
         dev = pick_device(settings.get("device"))
         prec = settings.get("precision") or default_precision(dev)
         dtype = precision_dtype(prec)
@@ -235,6 +238,7 @@ class LLM:
             group_size_from_user=settings.source("group_size") == "flag",
             quantize_head=settings.get("quantize_head"),
             provenance=info.provenance,
+            stored=stored,
         )
         if threads := settings.get("threads"):
             torch.set_num_threads(threads)
@@ -245,7 +249,7 @@ class LLM:
             if (checkpoint_dir / "tokenizer.json").is_file()
             else None
         )
-        gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization)
+        gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
         if can_pack(dev, dtype) and not settings.get("compile"):
             pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
         fixed = settings.get("max_seq_length")
@@ -255,6 +259,7 @@ class LLM:
             )
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
         llm.quantization = quantization
+        llm.stored_quantization = stored
         if settings.get("compile"):
             llm._compile()
         llm.load_seconds = time.perf_counter() - start

@@ -92,7 +92,7 @@ def generate_tokens(
     already in the cache (for the repetition penalty); tokens kept in the cache by a
     caller that continues a conversation are not prefilled again.
     """
-    device = model.transformer.wte.weight.device
+    device = model.transformer.ln_f.weight.device
     eos = set(eos_ids)
     track = params.repetition_penalty != 1.0
     seen = list(history or []) + list(prompt) if track else []

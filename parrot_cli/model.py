@@ -55,7 +55,7 @@ class GPT(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         """Allocate one static KV buffer per layer. Explicit, never a side effect of forward."""
-        param = self.transformer.wte.weight
+        param = self.transformer.ln_f.weight  # norms are never quantized: the working dtype
         device = device or param.device
         dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
         for block in self.transformer.h:

@@ -32,10 +32,12 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The GGUF converted once into a parrot checkpoint."""
+    """The GGUF converted once into a float32 parrot checkpoint (dequantized: the reference
+    that transformers, loading the same file, is compared with)."""
     from parrot_cli.checkpoint.convert import convert
 
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct-Q4_1")
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct-Q4_1",
+                   dtype="float32")
 
 
 @pytest.fixture(scope="session")

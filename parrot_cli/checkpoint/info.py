@@ -30,7 +30,7 @@ class CheckpointInfo:
     config: Config
     format_version: int
     provenance: dict[str, Any] = field(default_factory=dict)
-    quantization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None  # quantization_config.json, if quantized
 
 
 def read_info(checkpoint_dir: Path) -> CheckpointInfo:
@@ -53,7 +53,10 @@ def read_info(checkpoint_dir: Path) -> CheckpointInfo:
         raise CheckpointError(
             f"{checkpoint_dir} was written by a newer parrot (format {version}); upgrade parrot."
         )
-    return CheckpointInfo(config, version, data.get("provenance", {}), data.get("quantization"))
+    from parrot_cli.quantize.qconfig import read_quantization_config
+
+    stored = read_quantization_config(Path(checkpoint_dir))
+    return CheckpointInfo(config, version, data.get("provenance", {}), stored.to_dict() if stored else None)
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:

@@ -2,10 +2,13 @@
 
 The model is built on the meta device (no random initialisation, no memory), then the
 memory-mapped weights are cast, moved and assigned block by block, so no second full
-copy exists in RAM when dtype and device already match. With a quantization spec each
-block's Linears are quantized as the block is assigned, and the mapped pages of weights
-already copied are handed back to the OS: peak memory holds the quantized model plus one
-block in float, never the whole model in float.
+copy exists in RAM when dtype and device already match. Modules a quantized checkpoint
+stores quantized (`quantization_config.json`, layout in `quantize/format.py`) are packed
+for the device's kernel straight from their stored codes, with no float detour. With a
+load-time quantization spec each block's float Linears are quantized as the block is
+assigned, through the same constructors. The mapped pages of weights already copied are
+handed back to the OS: peak memory holds the quantized model plus one block in float,
+never the whole model in float.
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ from parrot_cli.errors import CheckpointError, OutOfMemoryError
 from parrot_cli.machine import malloc_trim
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec
-from parrot_cli.quantize.apply import HEAD, quantize_linear, replace, targets
+from parrot_cli.quantize.apply import (
+    EMBEDDING,
+    HEAD,
+    quantize_linear,
+    replace,
+    stored_module,
+    targets,
+)
+from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
+
+# The tensor names of one stored quantized module (format.QuantizedWeight.tensors).
+QUANTIZED_TENSORS = ("qweight", "scales", "zeros", "qzeros", "perm")
 
 
 def build_model(
@@ -33,36 +47,71 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     quantize: QuantSpec | None = None,
+    stored: QuantizationConfig | None = None,
 ) -> GPT:
     """Build on the meta device, then assign the memory-mapped weights (cast and moved)
     one block at a time: no random initialisation, no second copy when dtype and device
-    already match. `quantize` replaces the Linears it targets as their block is loaded."""
+    already match. Modules `stored` (the checkpoint's quantization config, read here when
+    not given) holds quantized are packed for the device from their codes; `quantize`
+    replaces the float Linears it targets as their block is loaded."""
     with torch.device("meta"):
         model = GPT(config)
     state = load_weights(checkpoint_dir)
+    if stored is None:
+        stored = read_quantization_config(checkpoint_dir)
+    held_quantized = dict(stored.modules) if stored else {}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
-        raise CheckpointError(f"{checkpoint_dir} does not match its config ({what}).")
-    quantized = targets(model, quantize)
+    _check_names(model, state, held_quantized, config, checkpoint_dir)
+    quantized = targets(model, quantize) - set(held_quantized)
+    tied_quantized = config.tie_embeddings and EMBEDDING in held_quantized
     if config.tie_embeddings and HEAD in quantized:
-        state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
+        if tied_quantized:
+            quantized.discard(HEAD)  # the head already runs on the embedding's codes
+        else:
+            state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
     release = _PageRelease(weight_files(checkpoint_dir))
     try:
         for part in _by_block(state):
-            held = {t.data_ptr() for t in _assign(model, part, quantized, quantize, device, dtype)}
+            held = {t.data_ptr() for t in _assign(model, part, quantized, quantize, held_quantized, device, dtype)}
             release(t for t in part.values() if t.data_ptr() not in held)
     except torch.OutOfMemoryError as err:
         raise OutOfMemoryError(f"Out of memory loading {checkpoint_dir} onto {device}.") from err
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint_dir} has weights of the wrong shape ({err}).") from err
-    if config.tie_embeddings and HEAD not in quantized:
+    if tied_quantized:
+        model.lm_head = model.transformer.wte.tied_head()
+    elif config.tie_embeddings and HEAD not in quantized:
         model.lm_head.weight = model.transformer.wte.weight
     model.rope.build(1, device)
     return model.eval().requires_grad_(False)
+
+
+def _check_names(
+    model: GPT,
+    state: dict[str, torch.Tensor],
+    held_quantized: dict[str, dict],
+    config: Config,
+    checkpoint_dir: Path,
+) -> None:
+    """The checkpoint holds exactly the tensors its config and quantization config call
+    for: a float `weight` for every module except the quantized ones, which hold their
+    quantized tensors instead (checked in detail when each is read)."""
+    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == HEAD + ".weight")}
+    unknown = sorted(m for m in held_quantized if m + ".weight" not in expected)
+    if unknown:
+        raise CheckpointError(
+            f"{checkpoint_dir} quantizes {unknown[0]!r}, which is not a weight of this model."
+        )
+    expected -= {m + ".weight" for m in held_quantized}
+    names = {
+        k for k in state
+        if not (k.rpartition(".")[0] in held_quantized and k.rpartition(".")[2] in QUANTIZED_TENSORS)
+    }
+    missing, unexpected = expected - names, names - expected
+    if missing or unexpected:
+        what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
+        raise CheckpointError(f"{checkpoint_dir} does not match its config ({what}).")
 
 
 def _by_block(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -82,18 +131,28 @@ def _assign(
     part: dict[str, torch.Tensor],
     quantized: set[str],
     spec: QuantSpec | None,
+    held_quantized: dict[str, dict],
     device: torch.device,
     dtype: torch.dtype,
 ) -> list[torch.Tensor]:
-    """Assign one block's float tensors and quantize its targeted Linears; returns the
-    tensors the model now holds as floats."""
+    """Assign one block's float tensors, build its stored-quantized modules and quantize
+    its targeted Linears; returns the tensors the model now holds (pages of the others
+    can go back to the OS)."""
     owners = {name: name.rpartition(".")[0] for name in part}
+    special = quantized | set(held_quantized)
     floats = {
         name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
         for name, tensor in part.items()
-        if owners[name] not in quantized
+        if owners[name] not in special
     }
     model.load_state_dict(floats, strict=False, assign=True)
+    kept = list(floats.values())
+    for owner in sorted(set(owners.values()) & set(held_quantized)):
+        bias = part.get(owner + ".bias")
+        bias = None if bias is None else bias.to(device, dtype)
+        module = stored_module(owner, part, held_quantized[owner], bias, device, dtype)
+        replace(model, owner, module)
+        kept += list(module.buffers())
     for owner in sorted(set(owners.values()) & quantized):
         linear = model.get_submodule(owner)
         weight = part[owner + ".weight"]
@@ -102,7 +161,7 @@ def _assign(
         bias = part.get(owner + ".bias")
         bias = None if bias is None else bias.to(device)
         replace(model, owner, quantize_linear(spec, weight.to(device), bias, dtype))
-    return list(floats.values())
+    return kept
 
 
 class _PageRelease:

@@ -40,6 +40,7 @@ from parrot_cli.checkpoint.info import (  # noqa: F401 (re-exported: the format'
     weight_files,
 )
 from parrot_cli.config import Config
+from parrot_cli.quantize.qconfig import QUANT_CONFIG_FILE, QuantizationConfig
 
 SHARD_BYTES = 4 * 1024**3  # shard above this, as HF does, so no single file is huge
 
@@ -172,11 +173,14 @@ class CheckpointWriter:
         self,
         config: Config,
         provenance: dict[str, Any],
-        quantization: dict[str, Any] | None = None,
+        quantization: QuantizationConfig | None = None,
     ) -> Path:
-        """Finish the weights, record checksums in parrot_config.json, swap into place."""
+        """Finish the weights, record checksums in parrot_config.json, swap into place. A
+        quantized checkpoint's `quantization` goes to quantization_config.json."""
         if self._pending or not self._shards:
             self._flush()
+        if quantization is not None:
+            self.write_json(QUANT_CONFIG_FILE, quantization.to_dict())
         if len(self._shards) == 1:
             (self.partial / self._shards[0][0]).rename(self.partial / WEIGHTS_FILE)
         else:
@@ -200,7 +204,6 @@ class CheckpointWriter:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": config.to_dict(),
                 "provenance": {**provenance, "files": checksums},
-                **({"quantization": quantization} if quantization else {}),
             },
         )
         return self._swap()

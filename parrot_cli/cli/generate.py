@@ -129,4 +129,6 @@ def _print_stats(llm, result, sample: int) -> None:
 
 def _weights_kind(llm) -> str:
     """What the weight memory holds: the quantization mode, or the working precision."""
+    if llm.stored_quantization is not None:
+        return llm.stored_quantization.summary()
     return llm.quantization.describe() if llm.quantization else llm.precision

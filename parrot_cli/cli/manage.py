@@ -122,7 +122,9 @@ def _describe(d: Path, root: Path) -> dict[str, Any]:
         return {**row, "error": str(err)}
     params = info.config.num_parameters()
     if info.quantization:
-        precision = str(info.quantization.get("method") or info.quantization.get("mode") or "quantized")
+        from parrot_cli.quantize.qconfig import QuantizationConfig
+
+        precision = QuantizationConfig.from_dict(info.quantization).summary()
     else:
         floats = sorted(_PRECISIONS[t] for t in dtypes if t in _PRECISIONS)
         precision = "/".join(floats) or "/".join(sorted(dtypes))

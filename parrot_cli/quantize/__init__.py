@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from parrot_cli.config import Config
+    from parrot_cli.quantize.qconfig import QuantizationConfig
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,15 @@ def plan(
     group_size_from_user: bool = False,
     quantize_head: bool = False,
     provenance: dict[str, Any] | None = None,
+    stored: QuantizationConfig | None = None,
 ) -> QuantSpec | None:
-    """Check a quantization request against the model and device before any weight is
-    read; every impossible request is one UsageError sentence that says what to do."""
+    """Check a quantization request against the model, the device and what the checkpoint
+    already holds (`stored`: its quantization config) before any weight is read; every
+    impossible request is one UsageError sentence that says what to do."""
     mode = resolve_mode(mode_name)
+    if stored is not None:
+        return _plan_on_quantized(mode, stored, config, device, group_size, group_size_from_user,
+                                  quantize_head, provenance)
     if mode is None:
         if group_size is not None and group_size_from_user:
             raise UsageError("--group-size applies to --quantize int4 only.")
@@ -198,3 +204,32 @@ def plan(
                 f"--group-size {group_size} does not divide the input size {size} of {layer}; {hint}."
             )
     return QuantSpec(mode, group_size, quantize_head)
+
+
+def _plan_on_quantized(
+    mode: Mode | None,
+    stored: QuantizationConfig,
+    config: Config,
+    device: torch.device,
+    group_size: int | None,
+    group_size_from_user: bool,
+    quantize_head: bool,
+    provenance: dict[str, Any] | None,
+) -> QuantSpec | None:
+    """A quantized checkpoint loads as it is stored (no flag needed). Asking for its own
+    mode changes nothing (but may quantize a float head); any other mode would quantize
+    quantized weights again, so the error names the float source to quantize instead."""
+    if mode is not None and mode.name != stored.mode:
+        source = (provenance or {}).get("source")
+        where = f" ({source})" if source else ""
+        raise UsageError(
+            f"This checkpoint already holds {stored.summary()} weights; --quantize {mode.name} "
+            f"needs a float checkpoint: convert its float source{where} and quantize that."
+        )
+    if group_size is not None and group_size_from_user:
+        raise UsageError("--group-size applies when quantizing a float checkpoint, not to an already quantized one.")
+    if mode is None or not quantize_head or mode.family != "weight_only":
+        return None
+    # The float head of an int4/int8 checkpoint can still be quantized at load.
+    spec = plan(mode.name, config, device, quantize_head=True, provenance=provenance)
+    return spec

@@ -15,6 +15,7 @@ from parrot_cli.quantize import QuantSpec
 
 BLOCKS = "transformer.h."
 HEAD = "lm_head"
+EMBEDDING = "transformer.wte"
 
 
 def targets(model: nn.Module, spec: QuantSpec | None) -> set[str]:
@@ -51,6 +52,29 @@ def quantize_linear(
         else:
             module = Int4Linear.from_float(weight, bias, spec.group_size)
     module.quantization = spec.mode.name  # marks it for `quantized_layers`
+    return module
+
+
+def stored_module(
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    bias: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """The module for `name` that a quantized checkpoint stores in the portable layout
+    (`quantize/format.py`), packed for `device`'s kernel: the embedding table stays in its
+    codes (rows are dequantized as they are looked up), every Linear gets the int4 or int8
+    kernel. `dtype` is the working precision the embedding returns."""
+    from parrot_cli.quantize.format import QuantizedWeight
+    from parrot_cli.quantize.weight_only import Int4Linear, Int8Linear, QuantizedEmbedding
+
+    qw = QuantizedWeight.from_tensors(name, tensors, meta)
+    if name == EMBEDDING:
+        return QuantizedEmbedding(qw, dtype).to(device)
+    module = (Int4Linear if qw.bits == 4 else Int8Linear).from_quantized(qw, bias, device)
+    module.quantization = meta.get("mode") or f"int{qw.bits}"
     return module
 
 

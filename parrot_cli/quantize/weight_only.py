@@ -10,6 +10,10 @@ working precision is: inputs are cast to bf16 around the kernel and the output c
 - int8: symmetric, one scale per output channel (absmax / 127).
 - int4: asymmetric, one scale and one zero point per group of `group_size` inputs (the
   tinygemm layout: w = (q - 8) * scale + zero, q in 0..15), scales and zeros in bf16.
+
+Quantizers return a `format.QuantizedWeight` (the portable layout a checkpoint stores), and
+the modules are built from one with `from_quantized`: load-time `--quantize`, a quantized
+checkpoint, a GGUF import and GPTQ all reach the kernels through that one constructor.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parrot_cli.errors import UsageError
+from parrot_cli.errors import CheckpointError, UsageError
+from parrot_cli.quantize.format import QuantizedWeight, pack_nibbles
 
 COMPUTE = torch.bfloat16
 # Above this many rows (a prefill) int8 weights are dequantized to bf16 for one dense
@@ -30,18 +35,23 @@ DENSE_ROWS = 16
 RANGE_SHRINK = (1.0, 0.9, 0.8)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [N, K], bf16 scales [N]) with weight ~= q * scale[:, None]. The integers are
-    rounded against the bf16 scale the kernel will use, so rounding the scale adds no error."""
+# Group sizes torch's int4 kernels take (CPU and CUDA).
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """int8 codes [N, K] and one bf16 scale per output channel, weight ~= q * scale. The
+    integers are rounded against the bf16 scale the kernel will use, so rounding the scale
+    adds no error."""
     w = weight.float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(COMPUTE)
     q = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-    return q, scales
+    return QuantizedWeight(8, q, scales[:, None])
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 q [N, K] in 0..15, bf16 scales_and_zeros [K / group, N, 2]) in tinygemm's
-    layout: w ~= (q - 8) * scale + zero per group of `group_size` inputs.
+def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+    """4-bit codes with a bf16 scale and zero per group of `group_size` inputs, in
+    tinygemm's convention: w ~= (q - 8) * scale + zero.
 
     Plain min/max rounding wastes levels on outliers. Each group tries a few narrower
     ranges, refits scale and offset to its rounded values by least squares (as llama.cpp's
@@ -72,8 +82,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
         best_err = torch.minimum(err, best_err)
-    scales_and_zeros = torch.stack([best_scale, best_zero], dim=-1).transpose(0, 1).contiguous()
-    return best_q.to(torch.int32).reshape(n, k), scales_and_zeros
+    return QuantizedWeight(4, pack_nibbles(best_q.reshape(n, k)), best_scale, zeros=best_zero)
 
 
 def _round4(w: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,25 +101,23 @@ def _refit(
     return fitted, w_mean[..., 0] - fitted * q_mean[..., 0]
 
 
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float32 [N, K] weights that `quantize_int4`'s output stands for (for tests and checks)."""
-    n, k = q.shape
-    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K / group, 2]
-    grouped = (q.float().reshape(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]
-    return grouped.reshape(n, k)
-
-
 class _WeightOnlyLinear(nn.Module):
-    """Shared shape handling: [*, K] inputs in any float dtype -> [*, N] in that dtype."""
+    """Shared shape handling: [*, K] inputs in any float dtype -> [*, N] in that dtype.
+    `perm` (act-order weights) gathers the inputs into the order the weight was stored in."""
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: torch.Tensor | None, perm: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("bias", bias)
+        self.register_buffer("perm", perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
         y = self._matmul(rows if rows.dtype == COMPUTE else rows.to(COMPUTE))
         if self.bias is not None:
             y = y + self.bias
@@ -128,8 +135,10 @@ class _WeightOnlyLinear(nn.Module):
 class Int8Linear(_WeightOnlyLinear):
     """y = x @ (q * scale)^T + bias, with q int8 [N, K] and one bf16 scale per output."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__(weight.size(1), weight.size(0), bias)
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, perm: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(weight.size(1), weight.size(0), bias, perm)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.use_kernel = int8_kernel_works(weight.device)
@@ -137,8 +146,21 @@ class Int8Linear(_WeightOnlyLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-        q, scales = quantize_int8(weight)
-        return cls(q, scales, bias)
+        return cls.from_quantized(quantize_int8(weight), bias)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device | None = None
+    ) -> Int8Linear:
+        """The kernel takes one scale per output channel: int8 weights stored with finer
+        groups are re-quantized per channel here (their dequantized values, once)."""
+        device = device or qw.data.device
+        if qw.bits != 8:
+            raise ValueError(f"{qw.describe()} weights need Int4Linear")
+        if qw.groups != 1:
+            qw = quantize_int8(qw.dequantize())
+        perm = None if qw.perm is None else qw.perm.to(device)
+        return cls(qw.data.to(device), qw.scales[:, 0].to(device, COMPUTE), bias, perm)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.size(0) <= DENSE_ROWS:
@@ -161,8 +183,9 @@ class Int4Linear(_WeightOnlyLinear):
         in_features: int,
         out_features: int,
         bias: torch.Tensor | None,
+        perm: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias)
+        super().__init__(in_features, out_features, bias, perm)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.group_size = group_size
@@ -171,9 +194,29 @@ class Int4Linear(_WeightOnlyLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
-        n, k = weight.shape
-        q, scales_and_zeros = quantize_int4(weight, group_size)
-        return cls(pack_int4(q), scales_and_zeros, group_size, k, n, bias)
+        return cls.from_quantized(quantize_int4(weight, group_size), bias)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device | None = None
+    ) -> Int4Linear:
+        """Pack portable int4 weights for the kernel on `device`. Groups the kernel does not
+        take (per-channel GPTQ, 512, 1024) are served exactly by repeating each scale and
+        zero over the largest kernel group that divides them."""
+        device = device or qw.data.device
+        if qw.bits != 4:
+            raise ValueError(f"{qw.describe()} weights need Int8Linear")
+        kernel_group = kernel_group_size(qw.group_size, qw.in_features)
+        repeat = qw.group_size // kernel_group
+        scales = qw.scales.to(device).float()
+        zeros = qw.tinygemm_zeros().to(device)
+        sz = torch.stack((scales, zeros), dim=-1).to(COMPUTE)  # [N, G, 2]
+        if repeat > 1:
+            sz = sz.repeat_interleave(repeat, dim=1)
+        codes = qw.codes().to(device, torch.int32)
+        perm = None if qw.perm is None else qw.perm.to(device)
+        return cls(pack_int4(codes), sz.transpose(0, 1).contiguous(), kernel_group,
+                   qw.in_features, qw.out_features, bias, perm)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_cpu:
@@ -196,6 +239,18 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
     pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
     return torch._convert_weight_to_int4pack(pairs, inner_k_tiles)
+
+
+def kernel_group_size(group_size: int, in_features: int) -> int:
+    """The group size torch's int4 kernel runs a weight of `group_size` with: itself when
+    the kernel takes it, else the largest kernel group dividing it (the scales repeat)."""
+    for g in sorted(KERNEL_GROUP_SIZES, reverse=True):
+        if g <= group_size and group_size % g == 0 and in_features % g == 0:
+            return g
+    raise CheckpointError(
+        f"int4 weights in groups of {group_size} cannot run on torch's int4 kernel (it takes "
+        f"groups of {', '.join(map(str, KERNEL_GROUP_SIZES))}); re-quantize the float model."
+    )
 
 
 @functools.cache
@@ -221,3 +276,46 @@ def require_int4_cuda(device: torch.device) -> None:
             f"--quantize int4 on CUDA needs compute capability 8.0 or newer (this GPU has "
             f"{major}.{minor}); use --quantize bnb.nf4 or int8."
         )
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept in its portable quantized layout: a lookup dequantizes only
+    the rows it reads, so a quantized checkpoint's table never exists in float. A tied
+    head reads the same codes (see `tied_head`)."""
+
+    def __init__(self, qw: QuantizedWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        if qw.perm is not None:
+            raise CheckpointError("An embedding table cannot be stored in act-order.")
+        self.bits = qw.bits
+        self.num_embeddings, self.embedding_dim = qw.out_features, qw.in_features
+        self.dtype = dtype
+        self.register_buffer("qweight", qw.data, persistent=False)
+        self.register_buffer("scales", qw.scales, persistent=False)
+        self.register_buffer("zeros", qw.zeros, persistent=False)
+        self.register_buffer("qzeros", qw.qzeros, persistent=False)
+        self.nbytes = qw.nbytes
+
+    @property
+    def qw(self) -> QuantizedWeight:
+        """The table as a QuantizedWeight over this module's (possibly moved) buffers."""
+        return QuantizedWeight(self.bits, self.qweight, self.scales, self.zeros, self.qzeros)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        rows = self.qw.select_rows(flat).dequantize(self.dtype)
+        return rows.view(*idx.shape, self.embedding_dim)
+
+    def tied_head(self) -> nn.Module:
+        """The output head of a tied model, on the embedding's own codes: int8 tables share
+        their tensors with the head (no second copy); int4 ones are packed for the kernel."""
+        if self.qw.bits == 8 and self.qw.groups == 1:
+            head = Int8Linear.from_quantized(self.qw, None)
+            head.nbytes = 0  # the embedding counts these bytes
+        else:
+            head = (Int4Linear if self.qw.bits == 4 else Int8Linear).from_quantized(self.qw, None)
+        head.tied_embedding = True
+        return head
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qw.describe()}"

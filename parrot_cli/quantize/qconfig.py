@@ -1,0 +1,85 @@
+"""`quantization_config.json`: which modules of a checkpoint are quantized, and how (the
+tensors themselves are described in `quantize/format.py`). No torch import: `parrot list`
+and checkpoint lookups read this."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parrot_cli.errors import CheckpointError
+
+QUANT_CONFIG_FILE = "quantization_config.json"
+FORMAT_NAME = "parrot.quantized"
+FORMAT_VERSION = 1
+ZERO_KINDS = ("float", "int")  # P.zeros or P.qzeros (int4 only)
+
+
+@dataclass
+class QuantizationConfig:
+    """`quantization_config.json`: which modules of a checkpoint are quantized, and how.
+
+    `mode` is what loading the checkpoint amounts to (`int4`, `int8`, `gptq.int4`, or
+    `mixed` for a GGUF import whose tensors map to different modes); `method` how the
+    weights were made (`rtn`, `gguf`, `gptq`, `hf-gptq`); `modules` maps each quantized
+    module to its `QuantizedWeight.meta()` (plus, for GGUF imports, the source type under
+    "from"); `details` holds what the method wants to record (calibration, damping...)."""
+
+    mode: str
+    method: str
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "mode": self.mode,
+            "method": self.method,
+            "details": self.details,
+            "modules": self.modules,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = QUANT_CONFIG_FILE) -> QuantizationConfig:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{where} is not a parrot quantization config.")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where} was written by a newer parrot (quantized format {version}); upgrade parrot."
+            )
+        modules, mode, method = data.get("modules"), data.get("mode"), data.get("method")
+        if not isinstance(modules, dict) or not all(isinstance(v, dict) for v in modules.values()):
+            raise CheckpointError(f"{where} has no valid module table.")
+        if not isinstance(mode, str) or not isinstance(method, str):
+            raise CheckpointError(f"{where} does not say its mode and method.")
+        details = data.get("details") or {}
+        return cls(mode, method, modules, details if isinstance(details, dict) else {})
+
+    def summary(self) -> str:
+        """One phrase for `parrot list` and convert's summary: 'int4 g32 (120), int8 (1)'."""
+        counts: dict[str, int] = {}
+        for meta in self.modules.values():
+            label = f"int{meta.get('bits')}"
+            if meta.get("bits") == 4:
+                label += f" g{meta.get('group_size')}"
+            if meta.get("act_order"):
+                label += " act-order"
+            counts[label] = counts.get(label, 0) + 1
+        parts = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return f"{self.mode}: {parts}" if parts else self.mode
+
+
+def read_quantization_config(checkpoint_dir: Path) -> QuantizationConfig | None:
+    """The checkpoint's quantization config, or None for a float checkpoint."""
+    path = Path(checkpoint_dir) / QUANT_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err}).") from err
+    return QuantizationConfig.from_dict(data, str(path))
