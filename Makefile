@@ -10,7 +10,8 @@ TORCH ?= torch==2.13.0
 # and CI) installs, torch included; pyproject.toml keeps ranges for library users.
 # After a dependency changes in pyproject.toml (or to take newer releases): `make lock`, then
 # `make test`, then commit constraints.txt. `make install LOCK=` installs unpinned.
-LOCK ?= constraints.txt
+LOCK_FILE := constraints.txt
+LOCK ?= $(LOCK_FILE)
 PIN := $(if $(LOCK),-c $(LOCK))
 
 .PHONY: setup install model demo test test-latest lock lint completions
@@ -43,8 +44,8 @@ test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install -q --upgrade pip
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager $(TORCH) -e '.[test]'
-	@echo "Newer than the lock:"; .venv-latest/bin/pip freeze --exclude-editable \
-	  | sed -E 's/^(torch==[^+]*)[+].*/\1/' | grep -vxF -f $(LOCK) || echo "  nothing"
+	@echo "Not in the lock (newer, or new):"; .venv-latest/bin/pip freeze --exclude-editable \
+	  | sed -E 's/^(torch==[^+]*)[+].*/\1/' | grep -vxF -f $(LOCK_FILE) || echo "  nothing"
 	.venv-latest/bin/ruff check parrot_cli tests
 	.venv-latest/bin/pytest -q
 
@@ -59,12 +60,12 @@ lock:
 	.venv-lock/bin/pip install -q $(TORCH) -e '.[test]'
 	{ echo "# The lock for \`make install\` and CI (pip -c): written by \`make lock\`, do not edit."; \
 	  echo "# Resolved on Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m) Linux."; \
-	  .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)[+].*/\1/'; } > constraints.txt.new
-	@if grep -qi '^nvidia-' constraints.txt.new; then \
+	  .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)[+].*/\1/'; } > $(LOCK_FILE).new
+	@if grep -qi '^nvidia-' $(LOCK_FILE).new; then \
 	  echo "The lock would pull CUDA packages (nvidia-*): is $(TORCH) the CPU wheel?"; exit 1; fi
-	mv constraints.txt.new constraints.txt
+	mv $(LOCK_FILE).new $(LOCK_FILE)
 	rm -rf .venv-lock
-	@echo "constraints.txt rewritten; run make install && make test, then commit it."
+	@echo "$(LOCK_FILE) rewritten; run make install && make test, then commit it."
 
 lint:
 	$(BIN)/ruff check parrot_cli tests
