@@ -50,6 +50,8 @@ from parrot_cli.cli.common import (
 from parrot_cli.errors import ParrotError, UsageError
 
 if TYPE_CHECKING:
+    from rich.markdown import Markdown
+
     from parrot_cli.chat import ChatSession, Turn, TurnStats
 
 PROMPT = ">>> "
@@ -329,7 +331,7 @@ def fence_open(text: str) -> bool:
     return stripped.startswith(FENCE) and not (len(stripped) >= 2 * len(FENCE) and stripped.endswith(FENCE))
 
 
-def reply_markdown(text: str) -> Any:
+def reply_markdown(text: str) -> Markdown:
     """A reply as rich Markdown that keeps the model's line breaks.
 
     CommonMark folds a single newline inside a paragraph into a space (a "soft break"), so a
@@ -337,7 +339,7 @@ def reply_markdown(text: str) -> Any:
     show it as a line break; so does parrot: rich's parse is kept (whatever syntax it
     renders) and each soft break becomes a hard one. Code blocks keep their lines anyway.
     """
-    from rich.markdown import Markdown
+    from rich.markdown import Markdown  # pygments too: not on the --help path
 
     markdown = Markdown(text)
     for block in markdown.parsed:  # markdown-it tokens (rich >= 13.2); inline ones have children
