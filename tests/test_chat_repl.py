@@ -19,6 +19,7 @@ from parrot_cli.cli.chat import (
     Repl,
     _slash_completer,
     fence_open,
+    reply_markdown,
     stable_cut,
     unfence,
 )
@@ -35,6 +36,38 @@ def test_input_helpers():
     assert stable_cut("para one\n\npara tw") == len("para one\n\n")
     assert stable_cut("```\ncode\n\nmore") == 0  # never cut inside a code fence
     assert stable_cut("no blank line yet") == 0
+
+
+def plain(terminal_output: str) -> str:
+    """What a terminal shows, without rich's colours, cursor moves and carriage returns."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\r", "", terminal_output)
+
+
+def test_replies_keep_their_line_breaks_while_streaming():
+    """A poem keeps its lines (CommonMark alone would fold them into one paragraph), a list
+    and a code block keep theirs, and a finished block is on screen before the reply ends."""
+    out = io.StringIO()
+    term = ChatTerminal(out=Console(file=out, width=80, force_terminal=True, color_system=None),
+                        err=Console(file=io.StringIO()))
+    shown_while_streaming = []
+
+    def pieces():
+        yield from ["The waves roll in,\n", "the gulls cry out,\n", "the tide **forgets**.\n\n"]
+        shown_while_streaming.append(plain(out.getvalue()))  # the poem is a finished block now
+        yield from ["- salt\n", "- wind\n\n", "```\nx = 1\n", "\ny = 2\n```\n", "Bye"]
+
+    term.reply(pieces(), raw=False)
+    poem = re.compile(r"The waves roll in, *\nthe gulls cry out, *\nthe tide forgets\.")
+    assert poem.search(shown_while_streaming[0]), shown_while_streaming[0]
+    shown = plain(out.getvalue())
+    assert poem.search(shown) and "in, the gulls" not in shown, shown
+    assert re.search(r"• salt *\n *• wind", shown), shown
+    assert re.search(r"x = 1 *\n *\n *y = 2", shown), shown
+    assert "Bye" in shown
+    # The renderer alone: each single newline is a line break; a paragraph break stays one.
+    rendered = io.StringIO()
+    Console(file=rendered, width=80).print(reply_markdown("one\ntwo\n\nthree"))
+    assert [line.rstrip() for line in rendered.getvalue().splitlines()] == ["one", "two", "", "three"]
 
 
 def test_tab_completes_slash_commands_and_setting_names():
@@ -150,6 +183,18 @@ def test_real_terminal_session(smollm2_checkpoint, tmp_path):
         say(child, "/show")
         child.expect(r"messages\s+8")
         child.expect_exact(PROMPT)
+
+        say(child, "/clear")  # a poem, alone: its reply breaks lines (greedy)
+        child.expect_exact("New conversation")
+        say(child, "/set max_new_tokens 20")
+        child.expect_exact(PROMPT)
+        say(child, "Write a short poem about the sea.")
+        child.expect(stats)
+        child.expect_exact(PROMPT)
+        poem_file = tmp_path / "poem.json"
+        say(child, f"/save {poem_file}")
+        child.expect_exact("Saved 2 messages")
+        child.expect_exact(PROMPT)
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
     finally:
@@ -164,6 +209,11 @@ def test_real_terminal_session(smollm2_checkpoint, tmp_path):
     assert saved["messages"][5]["content"]  # the interrupted reply, kept as far as it got
     history = (home / "chat_history").read_text()
     assert "+I have a cat called Tom." in history and "+What is my cat called?" in history
+    # The poem's lines are the terminal's lines, as the model wrote them (not one paragraph).
+    poem = [line.strip() for line in json.loads(poem_file.read_text())["messages"][1]["content"].splitlines()]
+    assert len(poem) >= 2 and all(poem[:2]), poem
+    shown = plain(log)
+    assert re.search(re.escape(poem[0]) + r" *\n *" + re.escape(poem[1][:8]), shown), shown[-3000:]
 
 
 def test_piped_mode_one_reply_per_line_and_overflow(smollm2_checkpoint):

@@ -91,6 +91,40 @@ def test_missing_models_name_the_fix(tmp_path):
     assert_one_line_error(both, 2, "not both")
 
 
+# The four kinds of usage error click reports, and the fragments each line must hold.
+USAGE_ERRORS = [
+    (("generate", "hi", "--temperature", "hot"), ("Invalid value for '--temperature'", "parrot generate --help")),
+    (("generate", "hi", "--bogus"), ("No such option", "--bogus", "parrot generate --help")),
+    (("genrate", "hi"), ("No such command 'genrate'", "parrot --help")),
+    (("generate",), ("Missing argument", "parrot generate --help")),
+]
+
+
+def test_usage_errors_are_one_line_and_exit_2():
+    """The real command, parsed by whichever click the installed typer uses (typer >= 0.26
+    vendors its own): bad value, unknown option, unknown command, missing argument."""
+    for args, fragments in USAGE_ERRORS:
+        assert_one_line_error(run_parrot(*args), 2, *fragments)
+
+
+def test_usage_errors_from_click_itself(capsys):
+    """typer < 0.26 parses with click itself: its errors must read the same (in-process, on
+    click's own parser, since the locked typer no longer uses it)."""
+    click = pytest.importorskip("click")
+    from parrot_cli.cli import click_exceptions, show_click_error
+
+    generate = click.Command("generate", params=[click.Option(["--temperature"], type=float),
+                                                 click.Argument(["prompt"])])
+    parrot = click.Group("parrot", commands={"generate": generate})
+    for args, fragments in USAGE_ERRORS:
+        with pytest.raises(click.ClickException) as caught:
+            parrot.main(list(args), prog_name="parrot", standalone_mode=False)
+        assert isinstance(caught.value, click_exceptions())  # main() catches it
+        assert show_click_error(caught.value) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and all(f in lines[0] for f in fragments), lines
+
+
 def test_convert_bad_sources_are_clear_and_leave_nothing(tmp_path, smollm2_gguf):
     # a truncated GGUF
     truncated = tmp_path / "cut.gguf"

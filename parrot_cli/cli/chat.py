@@ -50,6 +50,8 @@ from parrot_cli.cli.common import (
 from parrot_cli.errors import ParrotError, UsageError
 
 if TYPE_CHECKING:
+    from rich.markdown import Markdown
+
     from parrot_cli.chat import ChatSession, Turn, TurnStats
 
 PROMPT = ">>> "
@@ -272,20 +274,19 @@ class ChatTerminal:
             out.file.flush()
             return
         from rich.live import Live
-        from rich.markdown import Markdown
 
         # Finished blocks are printed once, above the live area; only the block still being
         # written is redrawn, so a long reply never overflows the live region.
         tail = ""
-        with Live(Markdown(""), console=out, refresh_per_second=8, transient=False) as live:
+        with Live(reply_markdown(""), console=out, refresh_per_second=8, transient=False) as live:
             for piece in pieces:
                 tail += piece
                 cut = stable_cut(tail)
                 if cut:
-                    live.console.print(Markdown(tail[:cut]))
+                    live.console.print(reply_markdown(tail[:cut]))
                     live.console.print()
                     tail = tail[cut:]
-                live.update(Markdown(tail))
+                live.update(reply_markdown(tail))
 
     def note(self, text: str) -> None:
         """One dim line on stderr."""
@@ -328,6 +329,24 @@ def fence_open(text: str) -> bool:
     """Whether Enter should add a line instead of submitting: a \"\"\" block not yet closed."""
     stripped = text.strip()
     return stripped.startswith(FENCE) and not (len(stripped) >= 2 * len(FENCE) and stripped.endswith(FENCE))
+
+
+def reply_markdown(text: str) -> Markdown:
+    """A reply as rich Markdown that keeps the model's line breaks.
+
+    CommonMark folds a single newline inside a paragraph into a space (a "soft break"), so a
+    poem or a line-broken list would print as one paragraph. Chat UIs (and GitHub comments)
+    show it as a line break; so does parrot: rich's parse is kept (whatever syntax it
+    renders) and each soft break becomes a hard one. Code blocks keep their lines anyway.
+    """
+    from rich.markdown import Markdown  # pygments too: not on the --help path
+
+    markdown = Markdown(text)
+    for block in markdown.parsed:  # markdown-it tokens (rich >= 13.2); inline ones have children
+        for token in block.children or ():
+            if token.type == "softbreak":
+                token.type = "hardbreak"
+    return markdown
 
 
 def stable_cut(text: str) -> int:

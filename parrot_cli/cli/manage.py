@@ -61,8 +61,6 @@ def remove(
     root: Root = None,
 ) -> None:
     """Delete a checkpoint (asks first)."""
-    import click
-
     from parrot_cli.checkpoint.info import CONFIG_FILE
     from parrot_cli.config import find_known
     from parrot_cli.errors import ModelNotFoundError
@@ -77,8 +75,9 @@ def remove(
     size = _size(target)
     if not yes:
         try:
-            confirmed = click.confirm(f"Delete {target} ({_human_bytes(size)})?", default=False, err=True)
-        except click.exceptions.Abort:  # end of input: the answer is no
+            # typer's confirm, not click's: typer >= 0.26 does not depend on click.
+            confirmed = typer.confirm(f"Delete {target} ({_human_bytes(size)})?", default=False, err=True)
+        except typer.Abort:  # end of input: the answer is no
             confirmed = False
         if not confirmed:
             console.print("Nothing deleted.")
