@@ -119,7 +119,8 @@ def _write(
     A QuantizedWeight named `P.weight` is stored as module P's quantized tensors, and
     `quantization` (asked once every tensor is written) says what the checkpoint holds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with CheckpointWriter(target) as writer:
+    # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
+    with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
         done = 0
         for name, t in tensors:
             if isinstance(t, QuantizedWeight):

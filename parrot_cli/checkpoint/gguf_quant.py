@@ -6,8 +6,9 @@ float at every start loses time and, for most types, accuracy. So each parrot we
 stored in the closest portable mode, decided per weight from the types of its GGUF parts:
 
 - Q4_0 (w = d * (q - 8)), Q4_1 (w = d * q + m) and Q4_K (super-blocks of 256 with 6-bit
-  sub-block scales and mins, w = d * sc * q - dmin * mn) are asymmetric 4-bit codes with
-  one scale and one offset per 32 weights: int4 g32 with a float zero holds them exactly.
+  sub-block scales and mins, w = d * sc * q - dmin * mn) are 4-bit codes with one scale
+  and one offset per 32 weights: int4 g32 holds them exactly, Q4_1 and Q4_K with a float
+  zero (m + 8 d; 8 d sc - dmin mn), Q4_0 with the integer zero 8 (one byte a group).
   Their codes are copied; only the scales and zeros change, computed in fp32 from the
   fp16 block values and rounded once to bf16 (what the int4 kernel computes with).
 - Types with no exact home are re-quantized from their dequantized values, per weight,
@@ -55,7 +56,7 @@ INT4_ROW_MULTIPLE = 16
 CHUNK_ELEMENTS = 1 << 21  # rows per conversion step: ~8 MB of float32 transients
 
 # How a module's values relate to the file's (recorded as "how" in quantization_config).
-EXACT, REQUANTIZED, PROMOTED = "exact", "requantized", "promoted"
+EXACT, REQUANTIZED, PROMOTED, SHAPE = "exact", "requantized", "promoted", "shape"
 
 
 # --------------------------------------------------------------------------- what a weight is
@@ -189,13 +190,24 @@ def store(weight: GGUFWeight, rounding: ScaleRounding | None = None) -> Stored:
     finally:
         for part in weight.parts:
             release_pages(part.raw)
+    if len({p.zero_kind for p in parts}) > 1:  # e.g. Q4_0 beside Q4_1: one zero kind
+        parts = [_float_zeros(p) for p in parts]
     qw = parts[0] if len(parts) == 1 else QuantizedWeight.cat_rows(parts)
     alone = {target_of(p.qtype) for p in weight.parts}
     if mode == "int4":
         how = EXACT if all(p.qtype in EXACT_INT4 for p in weight.parts) else REQUANTIZED
+    elif alone == {"int8"}:
+        how = REQUANTIZED
     else:
-        how = PROMOTED if alone != {"int8"} else REQUANTIZED
+        how = PROMOTED if len(alone) > 1 else SHAPE
     return Stored(quantized=qw, meta={**qw.meta(), "from": weight.source, "how": how})
+
+
+def _float_zeros(qw: QuantizedWeight) -> QuantizedWeight:
+    """The same int4 weight with float zeros (scale * (8 - z): exact for Q4_0's z = 8)."""
+    if qw.zero_kind != "int":
+        return qw
+    return QuantizedWeight(4, qw.data, qw.scales, zeros=qw.tinygemm_zeros().to(qw.scales.dtype))
 
 
 def _float(weight: GGUFWeight) -> torch.Tensor:
@@ -287,9 +299,11 @@ def exact_int4(
     scales, zeros = scales.reshape(rows, -1), zeros.reshape(rows, -1)
     if rounding is not None:
         rounding.add(scales, zeros)
-    return QuantizedWeight(
-        4, pack_nibbles(codes.reshape(rows, cols)), scales.to(scale_dtype), zeros=zeros.to(scale_dtype)
-    )
+    data = pack_nibbles(codes.reshape(rows, cols))
+    if qtype == GQ.Q4_0:
+        # w = d * (q - 8) is the integer-zero form with z = 8: one byte a group, not two.
+        return QuantizedWeight(4, data, scales.to(scale_dtype), qzeros=torch.full_like(data[:, : scales.size(1)], 8))
+    return QuantizedWeight(4, data, scales.to(scale_dtype), zeros=zeros.to(scale_dtype))
 
 
 def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:

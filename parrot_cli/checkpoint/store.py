@@ -46,6 +46,7 @@ SHARD_BYTES = 4 * 1024**3  # shard above this, as HF does, so no single file is 
 # Header space reserved in front of each shard's data: ~500 tensor entries. A longer
 # header costs one streamed copy of the shard on disk, never memory.
 HEADER_RESERVE = 64 * 1024
+HEADER_ENTRY_BYTES = 160  # a generous estimate of one tensor's header entry
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -193,11 +194,14 @@ class CheckpointWriter:
     previous content or stays absent.
     """
 
-    def __init__(self, target: Path, *, shard_bytes: int | None = None, header_reserve: int = HEADER_RESERVE) -> None:
+    def __init__(self, target: Path, *, shard_bytes: int | None = None, expected_tensors: int | None = None) -> None:
+        """`expected_tensors` (an upper estimate) sizes the header space each shard reserves."""
         self.target = Path(target)
         self.partial = self.target.with_name(self.target.name + ".partial")
         self.shard_bytes = shard_bytes or SHARD_BYTES
-        self.header_reserve = header_reserve
+        self.header_reserve = HEADER_RESERVE
+        if expected_tensors is not None:
+            self.header_reserve = -(-(HEADER_ENTRY_BYTES * expected_tensors + 256) // 8) * 8
         self._shard: _ShardFile | None = None
         self._shards: list[tuple[str, list[str]]] = []
         self._names: set[str] = set()

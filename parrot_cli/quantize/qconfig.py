@@ -90,6 +90,7 @@ HOW = {
     "exact": "exact up to bf16 scale rounding",
     "requantized": "re-quantized",
     "promoted": "re-quantized to int8: its fused parts have different types",
+    "shape": "re-quantized to int8: the int4 kernel needs rows in multiples of 16",
 }
 
 

@@ -167,7 +167,7 @@ def write_quantized(
     release = _PageRelease(weight_files(source_dir))
     modules: dict[str, dict[str, Any]] = {}
     target.parent.mkdir(parents=True, exist_ok=True)
-    with CheckpointWriter(target) as writer:
+    with CheckpointWriter(target, expected_tensors=3 * len(state)) as writer:
         for step, part in enumerate(parts):
             index = None if step == 0 else int(next(iter(part)).split(".")[2])
             quantized = quantize_block(Block(index, part))
