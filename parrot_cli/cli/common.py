@@ -109,7 +109,8 @@ def _complete_quantize(incomplete: str) -> list[str]:
 
 QUANTIZED_WHAT = (
     "Every Linear of the transformer blocks is quantized; embeddings and norms stay in the "
-    "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16."
+    "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16. "
+    "A quantized checkpoint (a GGUF import, `parrot quantize`) loads as stored, with no flag."
 )
 Quantize = Annotated[
     str | None,

@@ -43,7 +43,7 @@ def convert(
     with terminate_as_interrupt():
         target = convert_with_progress(source, output, dtype=dtype)
     console.print(f"Checkpoint written to [bold]{target}[/]")
-    print_weights_summary(target)
+    print_weights_summary(target, Path(source) if Path(source).is_file() else None)
     console.print(run_hint(target), soft_wrap=True)
 
 
@@ -58,7 +58,7 @@ def run_hint(target: Path) -> str:
     return f'Run it: [bold]parrot generate "Hello" {selector}[/]'
 
 
-def print_weights_summary(target: Path) -> None:
+def print_weights_summary(target: Path, source: Path | None = None) -> None:
     """What the weights became: for a GGUF import kept quantized, each source type's
     mapping ('Q4_1 -> int4 g32 x120 (exact up to bf16 scale rounding)') and the size
     beside the source file's."""
@@ -70,10 +70,8 @@ def print_weights_summary(target: Path) -> None:
     if stored is None:
         return
     size = sum(f.stat().st_size for f in weight_files(target))
-    source = read_info(target).provenance.get("source")
-    before = ""
-    if source and Path(source).is_file():
-        before = f" (source file {_human_bytes(Path(source).stat().st_size)})"
+    source = source or Path(read_info(target).provenance.get("source") or "")
+    before = f" (the GGUF: {_human_bytes(source.stat().st_size)})" if source.is_file() else ""
     console.print(f"Weights: {'; '.join(stored.mapping())}", soft_wrap=True)
     rounding = stored.details.get("scale_rounding")
     if rounding:

@@ -25,7 +25,10 @@ class QuantizationConfig:
     `mixed` for a GGUF import whose tensors map to different modes); `method` how the
     weights were made (`rtn`, `gguf`, `gptq`, `hf-gptq`); `modules` maps each quantized
     module to its `QuantizedWeight.meta()` (plus, for GGUF imports, the source type under
-    "from"); `details` holds what the method wants to record (calibration, damping...)."""
+    "from", e.g. "Q4_1" or "Q4_K+Q6_K" for a fused module, and under "how" whether its values
+    are the file's ("exact") or were re-quantized: "requantized", "promoted" (fused parts of
+    different types), "shape" (rows the int4 kernel cannot pack)); `details` holds what the
+    method wants to record (calibration, damping, a GGUF import's scale rounding...)."""
 
     mode: str
     method: str

@@ -19,6 +19,7 @@ checkpoint, a GGUF import and GPTQ all reach the kernels through that one constr
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +214,8 @@ class Int4Linear(_WeightOnlyLinear):
         sz = torch.stack((scales, zeros), dim=-1).to(COMPUTE)  # [N, G, 2]
         if repeat > 1:
             sz = sz.repeat_interleave(repeat, dim=1)
-        codes = qw.codes().to(device, torch.int32)
+        # Unpacked on the target device, straight into the int32 codes the packers take.
+        codes = replace(qw, data=qw.data.to(device)).codes(torch.int32)
         perm = None if qw.perm is None else qw.perm.to(device)
         return cls(pack_int4(codes), sz.transpose(0, 1).contiguous(), kernel_group,
                    qw.in_features, qw.out_features, bias, perm)
