@@ -41,6 +41,15 @@ def smollm2_checkpoint(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
+def smollm2_quantized_checkpoint(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GGUF imported as it lands by default: kept quantized (int4 g32 from its Q4_1
+    blocks, the Q8_0 embedding as int8). `smollm2_checkpoint` stays the float32 one."""
+    from parrot_cli.checkpoint.convert import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2-q") / "SmolLM2-135M-Instruct-Q4_1")
+
+
+@pytest.fixture(scope="session")
 def smollm2_llm(smollm2_checkpoint: Path):
     """The real model loaded once, in float32 (the reference precision)."""
     from parrot_cli import LLM

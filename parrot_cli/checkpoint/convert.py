@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from parrot_cli.checkpoint.store import CheckpointWriter, Progress
 from parrot_cli.config import Config, KnownModel, find_known
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
+from parrot_cli.quantize.format import QuantizedWeight
+from parrot_cli.quantize.qconfig import QuantizationConfig
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,18 +108,26 @@ def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None
 def _write(
     target: Path,
     config: Config,
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: Iterator[tuple[str, torch.Tensor | QuantizedWeight]],
     total: int,
     files: dict[str, Any],
     provenance: dict[str, Any],
     progress: Progress | None,
+    quantization: Callable[[], QuantizationConfig | None] | None = None,
 ) -> Path:
-    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data."""
+    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data.
+    A QuantizedWeight named `P.weight` is stored as module P's quantized tensors, and
+    `quantization` (asked once every tensor is written) says what the checkpoint holds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with CheckpointWriter(target) as writer:
+    # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
+    with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
         done = 0
         for name, t in tensors:
-            writer.add_tensor(name, t)
+            if isinstance(t, QuantizedWeight):
+                for key, value in t.tensors(name.removesuffix("weight")).items():
+                    writer.add_tensor(key, value)
+            else:
+                writer.add_tensor(name, t)
             done += 1
             if progress:
                 progress(done, total, name)
@@ -130,7 +140,7 @@ def _write(
                 writer.write_text(name, content)
             else:
                 writer.write_json(name, content)
-        return writer.commit(config, provenance)
+        return writer.commit(config, provenance, quantization() if quantization else None)
 
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:
@@ -187,14 +197,15 @@ def _hf_revision(src_dir: Path) -> str | None:
 
 class _OrderedGGUFTensors(TensorSource):
     """Random access over GGUF's one-pass tensor stream. GGUF files store tensors layer by
-    layer, so the buffer of read-ahead tensors stays about one layer."""
+    layer, so the buffer of read-ahead tensors stays about one layer (and holds only
+    references to the memory map when the import keeps the blocks)."""
 
-    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, stream: Iterator[tuple[str, Any]]) -> None:
         super().__init__({})
         self._stream = stream
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, Any] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> Any:
         while name not in self._buffer:
             try:
                 key, t = next(self._stream)
@@ -212,6 +223,9 @@ def _convert_gguf(
     progress: Progress | None,
     known: KnownModel | None,
 ) -> Path:
+    """A GGUF file -> a checkpoint that keeps its quantized tensors quantized
+    (`checkpoint/gguf_quant.py`), or with `dtype` a float checkpoint of the dequantized
+    weights."""
     from parrot_cli.checkpoint.gguf import read_gguf
 
     gguf = read_gguf(path)
@@ -227,10 +241,18 @@ def _convert_gguf(
         {
             "format": "gguf",
             "gguf_metadata": gguf.metadata,
-            "dequantized": True,
+            "dequantized": dtype is not None,
             "source_files": {path.name: sha256_file(path)},
         }
     )
-    src = _OrderedGGUFTensors(gguf.tensors())
-    tensors = _cast(convert_weights("llama", gguf.hf_config, config, src), dtype)
-    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)
+    total = expected_tensor_count(config)
+    if dtype is not None:
+        src = _OrderedGGUFTensors(gguf.tensors())
+        tensors = _cast(convert_weights("llama", gguf.hf_config, config, src), dtype)
+        return _write(target, config, tensors, total, files, provenance, progress)
+    from parrot_cli.checkpoint.gguf_quant import GGUFImport
+
+    importer = GGUFImport(gguf.metadata.get("file_type_name"))
+    src = _OrderedGGUFTensors(gguf.weights())
+    tensors = importer.convert(convert_weights("llama", gguf.hf_config, config, src))
+    return _write(target, config, tensors, total, files, provenance, progress, importer.config)

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -35,6 +35,9 @@ from parrot_cli.checkpoint.gguf_header import (
     validate_gguf_header,
 )
 from parrot_cli.errors import CheckpointError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from parrot_cli.checkpoint.gguf_quant import GGUFWeight
 
 __all__ = [
     "GGUFModel",
@@ -626,6 +629,17 @@ class GGUFModel:
             if item.unpermute_heads:
                 tensor = _unpermute_rope_rows(tensor, item.unpermute_heads)
             yield item.hf_name, tensor
+
+    def weights(self) -> Iterator[tuple[str, GGUFWeight]]:
+        """Yield (HF name, GGUFWeight) in HF order without decoding anything: the raw
+        blocks on the memory map, for an import that keeps them quantized
+        (`checkpoint/gguf_quant.py`)."""
+        from parrot_cli.checkpoint.gguf_quant import GGUFPart, GGUFWeight
+
+        for item in self._plan:
+            t = self._reader.tensors[item.index]
+            part = GGUFPart(t.name, t.tensor_type, t.data, item.shape, item.unpermute_heads)
+            yield item.hf_name, GGUFWeight((part,))
 
 
 def _open_reader(path: Path) -> Any:

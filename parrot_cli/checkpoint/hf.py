@@ -101,6 +101,14 @@ def convert_weights(
     yield from _MAPPERS[family](hf, config, src)
 
 
+def cat_rows(parts: tuple[Any, ...]) -> Any:
+    """Stack weights by rows: float tensors with torch.cat, weights still in another
+    layout (a GGUF import's raw blocks) through their own `cat_rows`."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    return type(parts[0]).cat_rows(parts)
+
+
 def _get_linear(src: TensorSource, prefix: str, bias: bool) -> Iterator[tuple[str, torch.Tensor]]:
     yield "weight", src.get(prefix + ".weight")
     if bias:
@@ -127,12 +135,12 @@ def _llama(hf: dict[str, Any], config: Config, src: TensorSource):
         a = f"{p}.self_attn"
         for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
             q, k, v = (src.get(f"{a}.{n}_proj.{kind}") for n in "qkv")
-            yield f"{o}.attn.qkv.{kind}", torch.cat((q, k, v))
+            yield f"{o}.attn.qkv.{kind}", cat_rows((q, k, v))
         for kind, t in _get_linear(src, f"{a}.o_proj", config.proj_bias):
             yield f"{o}.attn.proj.{kind}", t
         m = f"{p}.mlp"
         for kind in ("weight", "bias") if config.mlp_bias else ("weight",):
-            yield f"{o}.mlp.fc.{kind}", torch.cat((src.get(f"{m}.gate_proj.{kind}"), src.get(f"{m}.up_proj.{kind}")))
+            yield f"{o}.mlp.fc.{kind}", cat_rows((src.get(f"{m}.gate_proj.{kind}"), src.get(f"{m}.up_proj.{kind}")))
         for kind, t in _get_linear(src, f"{m}.down_proj", config.mlp_bias):
             yield f"{o}.mlp.proj.{kind}", t
     yield from _norm(src, "model.norm", "transformer.ln_f", config)

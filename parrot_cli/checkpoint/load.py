@@ -79,7 +79,9 @@ def build_model(
         raise OutOfMemoryError(f"Out of memory loading {checkpoint_dir} onto {device}.") from err
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint_dir} has weights of the wrong shape ({err}).") from err
-    if tied_quantized:
+    if HEAD in held_quantized:
+        pass  # the checkpoint stores the head's own quantized copy (`parrot quantize --quantize-head`)
+    elif tied_quantized:
         model.lm_head = model.transformer.wte.tied_head()
     elif config.tie_embeddings and HEAD not in quantized:
         model.lm_head.weight = model.transformer.wte.weight
@@ -97,8 +99,9 @@ def _check_names(
     """The checkpoint holds exactly the tensors its config and quantization config call
     for: a float `weight` for every module except the quantized ones, which hold their
     quantized tensors instead (checked in detail when each is read)."""
-    expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == HEAD + ".weight")}
-    unknown = sorted(m for m in held_quantized if m + ".weight" not in expected)
+    every = set(model.state_dict())  # a tied model lists lm_head.weight too
+    expected = {k for k in every if not (config.tie_embeddings and k == HEAD + ".weight")}
+    unknown = sorted(m for m in held_quantized if m + ".weight" not in every)
     if unknown:
         raise CheckpointError(
             f"{checkpoint_dir} quantizes {unknown[0]!r}, which is not a weight of this model."

@@ -43,6 +43,10 @@ from parrot_cli.config import Config
 from parrot_cli.quantize.qconfig import QUANT_CONFIG_FILE, QuantizationConfig
 
 SHARD_BYTES = 4 * 1024**3  # shard above this, as HF does, so no single file is huge
+# Header space reserved in front of each shard's data: ~500 tensor entries. A longer
+# header costs one streamed copy of the shard on disk, never memory.
+HEADER_RESERVE = 64 * 1024
+HEADER_ENTRY_BYTES = 160  # a generous estimate of one tensor's header entry
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -97,28 +101,86 @@ def load_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
-    """Write one safetensors file streaming tensor by tensor (no concatenated copy)."""
+def _header(entries: list[tuple[str, torch.dtype, list[int], int, int]]) -> bytes:
+    """The safetensors header (JSON) for tensors at the given data offsets."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    for name, dtype, shape, start, end in entries:
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [start, end]}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    # A byte view works for every dtype (numpy has no bfloat16).
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class _ShardFile:
+    """One safetensors file written as its tensors arrive, so a converter never holds a
+    shard in memory: the data goes to disk right after a reserved header area, and the
+    header is written into that space when the file is closed (padded with spaces, which
+    the format allows). A header that outgrows the reservation (thousands of tensors) is
+    written in front of a streamed copy of the data instead."""
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = reserve
+        self.entries: list[tuple[str, torch.dtype, list[int], int, int]] = []
+        self.nbytes = 0
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self.file.seek(8 + reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            self.file.write(_tensor_bytes(tensor))
+        self.entries.append((name, tensor.dtype, list(tensor.shape), self.nbytes, self.nbytes + nbytes))
+        self.nbytes += nbytes
+
+    def close(self) -> None:
+        raw = _header(self.entries)
+        if len(raw) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.reserve) + raw + b" " * (self.reserve - len(raw)))
+            self._finish(self.file)
+            return
+        self.file.close()
+        raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+        moved = self.path.with_name(self.path.name + ".data")
+        self.path.rename(moved)
+        with open(moved, "rb") as src, open(self.path, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)) + raw)
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, 16 * 1024**2)
+            self._finish(dst)
+        moved.unlink()
+
+    @staticmethod
+    def _finish(f: Any) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+
+    def abandon(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Write one safetensors file with a header exactly its size (tests write damaged or
+    hand-made checkpoints with it)."""
+    offset, entries = 0, []
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
+        entries.append((name, t.dtype, list(t.shape), offset, offset + nbytes))
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = _header(entries)
     raw += b" " * (-len(raw) % 8)  # align the data section
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, t in tensors:
-            t = t.contiguous()
             if t.numel():
-                # A byte view works for every dtype (numpy has no bfloat16).
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(_tensor_bytes(t))
         f.flush()
         os.fsync(f.fileno())
 
@@ -126,17 +188,23 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> N
 class CheckpointWriter:
     """Builds a checkpoint in `TARGET.partial/` and moves it into place on `commit()`.
 
-    Use as a context manager: leaving the block by an exception (Ctrl-C included) removes
-    the partial directory, so the target keeps its previous content or stays absent.
+    Tensors are written to disk as they are added (`_ShardFile`), so peak memory is the
+    caller's one tensor, never a shard. Use as a context manager: leaving the block by an
+    exception (Ctrl-C included) removes the partial directory, so the target keeps its
+    previous content or stays absent.
     """
 
-    def __init__(self, target: Path, *, shard_bytes: int | None = None) -> None:
+    def __init__(self, target: Path, *, shard_bytes: int | None = None, expected_tensors: int | None = None) -> None:
+        """`expected_tensors` (an upper estimate) sizes the header space each shard reserves."""
         self.target = Path(target)
         self.partial = self.target.with_name(self.target.name + ".partial")
         self.shard_bytes = shard_bytes or SHARD_BYTES
-        self._pending: list[tuple[str, torch.Tensor]] = []
-        self._pending_bytes = 0
+        self.header_reserve = HEADER_RESERVE
+        if expected_tensors is not None:
+            self.header_reserve = -(-(HEADER_ENTRY_BYTES * expected_tensors + 256) // 8) * 8
+        self._shard: _ShardFile | None = None
         self._shards: list[tuple[str, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def __enter__(self) -> CheckpointWriter:
@@ -146,22 +214,29 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.partial.exists():
-            shutil.rmtree(self.partial, ignore_errors=True)
+        if exc_type is not None:
+            if self._shard is not None:
+                self._shard.abandon()
+            if self.partial.exists():
+                shutil.rmtree(self.partial, ignore_errors=True)
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} was added twice")
+        self._names.add(name)
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.shard_bytes:
-            self._flush()
-        self._pending.append((name, tensor.detach().cpu().contiguous()))
-        self._pending_bytes += nbytes
+        if self._shard is not None and self._shard.entries and self._shard.nbytes + nbytes > self.shard_bytes:
+            self._close_shard()
+        if self._shard is None:
+            name_on_disk = f"model-{len(self._shards) + 1:05d}.safetensors"
+            self._shard = _ShardFile(self.partial / name_on_disk, self.header_reserve)
+        self._shard.add(name, tensor)
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
-        name = f"model-{len(self._shards) + 1:05d}.safetensors"
-        _write_safetensors(self.partial / name, self._pending)
-        self._shards.append((name, [n for n, _ in self._pending]))
-        self._pending, self._pending_bytes = [], 0
+    def _close_shard(self) -> None:
+        shard, self._shard = self._shard, None
+        shard.close()
+        self._shards.append((shard.path.name, [e[0] for e in shard.entries]))
 
     def write_json(self, name: str, data: Any) -> None:
         (self.partial / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -177,8 +252,10 @@ class CheckpointWriter:
     ) -> Path:
         """Finish the weights, record checksums in parrot_config.json, swap into place. A
         quantized checkpoint's `quantization` goes to quantization_config.json."""
-        if self._pending or not self._shards:
-            self._flush()
+        if self._shard is None and not self._shards:
+            self._shard = _ShardFile(self.partial / "model-00001.safetensors", self.header_reserve)
+        if self._shard is not None:
+            self._close_shard()
         if quantization is not None:
             self.write_json(QUANT_CONFIG_FILE, quantization.to_dict())
         if len(self._shards) == 1:

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import bench, chat, convert, download, generate, manage
+from parrot_cli.cli import bench, chat, convert, download, generate, manage, quantize
 from parrot_cli.cli.common import print_error
 from parrot_cli.errors import ParrotError, UsageError
 
@@ -39,6 +39,7 @@ app.command("chat")(chat.chat)
 app.command("download")(download.download)
 app.command("list")(manage.list_checkpoints)
 app.command("rm")(manage.remove)
+app.add_typer(quantize.app, name="quantize")
 
 
 def _version(value: bool) -> None:

@@ -3,9 +3,12 @@ translation of exceptions into one readable line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -106,7 +109,8 @@ def _complete_quantize(incomplete: str) -> list[str]:
 
 QUANTIZED_WHAT = (
     "Every Linear of the transformer blocks is quantized; embeddings and norms stay in the "
-    "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16."
+    "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16. "
+    "A quantized checkpoint (a GGUF import, `parrot quantize`) loads as stored, with no flag."
 )
 Quantize = Annotated[
     str | None,
@@ -150,6 +154,26 @@ def load_llm(**kwargs: Any):
         llm = LLM.load(**kwargs)
     llm.notify = lambda message: console.print(f"[dim]{message}[/]")
     return llm
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (`kill`) like Ctrl-C while a checkpoint is written: the writer's
+    cleanup runs (its `.partial/` directory is removed) and the command exits 130, where
+    the default action would end the process on the spot and leave the directory behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def utf8_stdout() -> TextIO:

@@ -24,7 +24,7 @@ def convert(
     ] = None,
     dtype: Annotated[
         str,
-        typer.Option(help="Weight dtype to store: auto (as the source; float32 for dequantized GGUF), float32, bfloat16, float16."),
+        typer.Option(help="Weight dtype to store: auto (as the source: a GGUF's quantized tensors stay quantized, int4 or int8, and its F16 ones 16-bit), or float32, bfloat16, float16 for a float checkpoint (a GGUF dequantized)."),
     ] = "auto",
     if_missing: Annotated[
         bool, typer.Option("--if-missing", help="Do nothing when the target checkpoint already exists.")
@@ -38,15 +38,48 @@ def convert(
         console.print(f"{target_for(source, output)} already exists.")
         return
 
-    target = convert_with_progress(source, output, dtype=dtype)
+    from parrot_cli.cli.common import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        target = convert_with_progress(source, output, dtype=dtype)
+    console.print(f"Checkpoint written to [bold]{target}[/]")
+    print_weights_summary(target, Path(source) if Path(source).is_file() else None)
+    console.print(run_hint(target), soft_wrap=True)
+
+
+def run_hint(target: Path) -> str:
+    """'Run it: parrot generate "Hello" -m ORG/NAME' (or --checkpoint-dir outside the root)."""
     from parrot_cli.paths import checkpoints_root
 
-    console.print(f"Checkpoint written to [bold]{target}[/]")
     try:  # under the root a checkpoint is named by its org/name; elsewhere by its path
         selector = f"-m {target.resolve().relative_to(checkpoints_root().resolve())}"
     except ValueError:
         selector = f"--checkpoint-dir {target}"
-    console.print(f'Run it: [bold]parrot generate "Hello" {selector}[/]', soft_wrap=True)
+    return f'Run it: [bold]parrot generate "Hello" {selector}[/]'
+
+
+def print_weights_summary(target: Path, source: Path | None = None) -> None:
+    """What the weights became: for a GGUF import kept quantized, each source type's
+    mapping ('Q4_1 -> int4 g32 x120 (exact up to bf16 scale rounding)') and the size
+    beside the source file's."""
+    from parrot_cli.checkpoint.info import read_info, weight_files
+    from parrot_cli.cli.manage import _human_bytes
+    from parrot_cli.quantize.qconfig import read_quantization_config
+
+    stored = read_quantization_config(target)
+    if stored is None:
+        return
+    size = sum(f.stat().st_size for f in weight_files(target))
+    source = source or Path(read_info(target).provenance.get("source") or "")
+    before = f" (the GGUF: {_human_bytes(source.stat().st_size)})" if source.is_file() else ""
+    console.print(f"Weights: {'; '.join(stored.mapping())}", soft_wrap=True)
+    rounding = stored.details.get("scale_rounding")
+    if rounding:
+        console.print(
+            f"[dim]bf16 rounding of the exact int4 scales: max {rounding['scale_rel_max']:.2%}, "
+            f"mean {rounding['scale_rel_mean']:.2%} relative.[/]", soft_wrap=True,
+        )
+    console.print(f"Size: {_human_bytes(size)}{before}, {stored.summary()}.", soft_wrap=True)
 
 
 def convert_with_progress(

@@ -202,9 +202,11 @@ def _import_local(path: Path, root: Path) -> None:
 
 
 def _convert(path: Path, target: Path, label: str | None) -> Path:
-    from parrot_cli.cli.convert import convert_with_progress
+    from parrot_cli.cli.convert import convert_with_progress, print_weights_summary
 
-    return convert_with_progress(path, target, source_label=label)
+    target = convert_with_progress(path, target, source_label=label)
+    print_weights_summary(target, source=path)
+    return target
 
 
 def _status(text: str) -> Any:

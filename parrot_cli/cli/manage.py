@@ -120,10 +120,16 @@ def _describe(d: Path, root: Path) -> dict[str, Any]:
     except ParrotError as err:
         return {**row, "error": str(err)}
     params = info.config.num_parameters()
+    quantized_from = None
     if info.quantization:
         from parrot_cli.quantize.qconfig import QuantizationConfig
 
-        precision = QuantizationConfig.from_dict(info.quantization).summary()
+        stored = QuantizationConfig.from_dict(info.quantization)
+        precision = stored.summary()
+        if stored.method == "gguf":  # what each GGUF type became: "int4 (Q4_1->int4 g32 x120, ...)"
+            quantized_from = stored.mapping()
+            short = ", ".join(line.split(" (")[0].replace(" -> ", "->") for line in quantized_from)
+            precision = f"{stored.mode} ({short})"
     else:
         floats = sorted(_PRECISIONS[t] for t in dtypes if t in _PRECISIONS)
         precision = "/".join(floats) or "/".join(sorted(dtypes))
@@ -140,6 +146,7 @@ def _describe(d: Path, root: Path) -> dict[str, Any]:
         "parameters": params,
         "parameters_human": human_count(params),
         "precision": precision,
+        **({"quantized_from": quantized_from} if quantized_from else {}),
         "context_length": info.config.block_size,
         "chat_template": chat,
         "source": info.provenance.get("source"),

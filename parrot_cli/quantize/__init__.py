@@ -220,11 +220,16 @@ def _plan_on_quantized(
     mode changes nothing (but may quantize a float head); any other mode would quantize
     quantized weights again, so the error names the float source to quantize instead."""
     if mode is not None and mode.name != stored.mode:
-        source = (provenance or {}).get("source")
-        where = f" ({source})" if source else ""
+        float_dir = (provenance or {}).get("quantized_from")  # written by `parrot quantize`
+        if float_dir:
+            fix = f"load the float checkpoint {float_dir} with --quantize {mode.name} instead"
+        else:
+            source = (provenance or {}).get("source")
+            where = f" ({source})" if source else ""
+            fix = f"convert its float source{where} and quantize that"
         raise UsageError(
             f"This checkpoint already holds {stored.summary()} weights; --quantize {mode.name} "
-            f"needs a float checkpoint: convert its float source{where} and quantize that."
+            f"needs a float checkpoint: {fix}."
         )
     if group_size is not None and group_size_from_user:
         raise UsageError("--group-size applies when quantizing a float checkpoint, not to an already quantized one.")

@@ -56,10 +56,13 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> uint8 [N, K] codes in 0..15 (the inverse of `pack_nibbles`)."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.size(-1) * 2)
+def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """uint8 [N, K/2] -> [N, K] codes in 0..15 (the inverse of `pack_nibbles`), written
+    straight into `dtype` (the CPU int4 packer wants int32): one pass, no intermediate."""
+    out = torch.empty(*packed.shape[:-1], packed.size(-1) * 2, dtype=dtype, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=out[..., 0::2])
+    torch.bitwise_right_shift(packed, 4, out=out[..., 1::2])
+    return out
 
 
 # --------------------------------------------------------------------------- one module
@@ -124,9 +127,12 @@ class QuantizedWeight:
 
     # ------------------------------------------------------------ values
 
-    def codes(self) -> torch.Tensor:
-        """Integer codes [N, K] in stored column order: uint8 0..15 (int4) or int8."""
-        return unpack_nibbles(self.data) if self.bits == 4 else self.data
+    def codes(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Integer codes [N, K] in stored column order: uint8 0..15 (int4) or int8, or in
+        `dtype` when given."""
+        if self.bits == 4:
+            return unpack_nibbles(self.data, dtype or torch.uint8)
+        return self.data if dtype is None else self.data.to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] this stands for, columns in input order (for checks,

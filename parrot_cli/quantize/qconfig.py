@@ -25,7 +25,10 @@ class QuantizationConfig:
     `mixed` for a GGUF import whose tensors map to different modes); `method` how the
     weights were made (`rtn`, `gguf`, `gptq`, `hf-gptq`); `modules` maps each quantized
     module to its `QuantizedWeight.meta()` (plus, for GGUF imports, the source type under
-    "from"); `details` holds what the method wants to record (calibration, damping...)."""
+    "from", e.g. "Q4_1" or "Q4_K+Q6_K" for a fused module, and under "how" whether its values
+    are the file's ("exact") or were re-quantized: "requantized", "promoted" (fused parts of
+    different types), "shape" (rows the int4 kernel cannot pack)); `details` holds what the
+    method wants to record (calibration, damping, a GGUF import's scale rounding...)."""
 
     mode: str
     method: str
@@ -63,14 +66,42 @@ class QuantizationConfig:
         """One phrase for `parrot list` and convert's summary: 'int4 g32 (120), int8 (1)'."""
         counts: dict[str, int] = {}
         for meta in self.modules.values():
-            label = f"int{meta.get('bits')}"
-            if meta.get("bits") == 4:
-                label += f" g{meta.get('group_size')}"
-            if meta.get("act_order"):
-                label += " act-order"
+            label = _label(meta)
             counts[label] = counts.get(label, 0) + 1
         parts = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
         return f"{self.mode}: {parts}" if parts else self.mode
+
+    def mapping(self) -> list[str]:
+        """What each source type became, for a GGUF import (convert's summary, `parrot
+        list`): ['Q4_1 -> int4 g32 x120 (exact up to bf16 scale rounding)', 'Q8_0 -> int8
+        x1 (re-quantized)']; other checkpoints get their `summary()`."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for meta in self.modules.values():
+            if "from" not in meta:
+                return [self.summary()]
+            key = (str(meta["from"]), _label(meta), str(meta.get("how", "")))
+            counts[key] = counts.get(key, 0) + 1
+        lines = []
+        for (source, label, how), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            reason = HOW.get(how)
+            lines.append(f"{source} -> {label} x{n}" + (f" ({reason})" if reason else ""))
+        return lines or [self.summary()]
+
+
+# Why a GGUF import's module holds what it holds (its "how" in the module table).
+HOW = {
+    "exact": "exact up to bf16 scale rounding",
+    "requantized": "re-quantized",
+    "promoted": "re-quantized to int8: its fused parts have different types",
+    "shape": "re-quantized to int8: the int4 kernel needs rows in multiples of 16",
+}
+
+
+def _label(meta: dict[str, Any]) -> str:
+    label = f"int{meta.get('bits')}"
+    if meta.get("bits") == 4:
+        label += f" g{meta.get('group_size')}"
+    return label + (" act-order" if meta.get("act_order") else "")
 
 
 def read_quantization_config(checkpoint_dir: Path) -> QuantizationConfig | None:

@@ -19,6 +19,7 @@ checkpoint, a GGUF import and GPTQ all reach the kernels through that one constr
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +214,8 @@ class Int4Linear(_WeightOnlyLinear):
         sz = torch.stack((scales, zeros), dim=-1).to(COMPUTE)  # [N, G, 2]
         if repeat > 1:
             sz = sz.repeat_interleave(repeat, dim=1)
-        codes = qw.codes().to(device, torch.int32)
+        # Unpacked on the target device, straight into the int32 codes the packers take.
+        codes = replace(qw, data=qw.data.to(device)).codes(torch.int32)
         perm = None if qw.perm is None else qw.perm.to(device)
         return cls(pack_int4(codes), sz.transpose(0, 1).contiguous(), kernel_group,
                    qw.in_features, qw.out_features, bias, perm)
@@ -237,8 +239,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     # CUDA (tinygemm): two values per byte, high nibble first, then tiled by innerKTiles.
     k = q.size(1)
     inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
-    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-    return torch._convert_weight_to_int4pack(pairs, inner_k_tiles)
+    return torch._convert_weight_to_int4pack(tinygemm_pairs(q), inner_k_tiles)
+
+
+def tinygemm_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int [N, K] codes 0..15 -> uint8 [N, K/2], the byte order CUDA's tinygemm packing
+    reads: input 2j in the high nibble, 2j+1 in the low one (the portable layout's bytes
+    with their nibbles swapped). Plain tensor ops, so a CPU test pins what a checkpoint
+    written on CPU hands the CUDA kernel."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
 
 def kernel_group_size(group_size: int, in_features: int) -> int:
