@@ -30,6 +30,8 @@ from parrot_cli.errors import (
 )
 from parrot_cli.generation import SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
+from parrot_cli.kernels.decode import attach as attach_fused_decode
+from parrot_cli.kernels.native import library as native_library
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
@@ -178,6 +180,8 @@ class LLM:
         self.load_seconds = 0.0
         self.quantization: QuantSpec | None = None  # what LLM.load quantized, if anything
         self.stored_quantization: QuantizationConfig | None = None  # what the checkpoint holds
+        # What runs a decode step: "native avx2" (the fused step, kernels/decode.py) or "torch".
+        self.decode_kernel = "torch"
         # Called with one-line notices (e.g. a large KV cache); the CLI prints them dimmed.
         self.notify: Callable[[str], None] = lambda message: None
 
@@ -250,8 +254,14 @@ class LLM:
             else None
         )
         gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
-        if can_pack(dev, dtype) and not settings.get("compile"):
-            pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
+        # A fused native decode step where it applies (one call a token); otherwise torch's
+        # modules, with oneDNN-prepacked linears (inductor, under --compile, cannot lower
+        # packed weights: it packs its own).
+        decode_kernel = "torch"
+        if not settings.get("compile") and dev.type == "cpu" and attach_fused_decode(gpt) is None:
+            decode_kernel = f"native {native_library().isa}"
+        elif can_pack(dev, dtype) and not settings.get("compile"):
+            pack_linears(gpt)
         fixed = settings.get("max_seq_length")
         if fixed is not None and not 0 < fixed <= info.config.block_size:
             raise UsageError(
@@ -260,6 +270,7 @@ class LLM:
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
         llm.quantization = quantization
         llm.stored_quantization = stored
+        llm.decode_kernel = decode_kernel
         if settings.get("compile"):
             llm._compile()
         llm.load_seconds = time.perf_counter() - start
