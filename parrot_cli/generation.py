@@ -95,7 +95,7 @@ def sample_scores(
     if scores.logits is not None:
         return sample(scores.logits, p, generator, seen)
     if p.greedy:
-        return int(scores.top_ids[0])
+        return scores.best
     logits = torch.full((vocab,), float("-inf"))
     logits[scores.top_ids.long()] = scores.top_values
     return sample(logits, p, generator, seen)

@@ -47,12 +47,22 @@ class Unsupported(Exception):
 
 @dataclass
 class Scores:
-    """What a fused step leaves for the sampler: every exact logit, or the verified top
-    tokens (exact logits, best first)."""
+    """What a fused step leaves for the sampler: every exact logit, or the `count`
+    verified top tokens (exact logits, best first; `best` is the first id, read without a
+    torch call so that a greedy step makes none)."""
 
     logits: torch.Tensor | None = None
-    top_ids: torch.Tensor | None = None
-    top_values: torch.Tensor | None = None
+    count: int = 0
+    best: int = -1
+    decoder: NativeDecoder | None = None
+
+    @property
+    def top_ids(self) -> torch.Tensor | None:
+        return None if self.decoder is None else self.decoder.buffers["out_id"][: self.count]
+
+    @property
+    def top_values(self) -> torch.Tensor | None:
+        return None if self.decoder is None else self.decoder.buffers["out_val"][: self.count]
 
 
 def attach(model: GPT) -> str | None:
@@ -80,8 +90,7 @@ def decoder_for(model: nn.Module) -> NativeDecoder | None:
     try:
         decoder.bind()
     except Unsupported:
-        detach(model)
-        return None
+        return None  # this generation runs the forward; the next one checks again
     return decoder
 
 
@@ -114,10 +123,18 @@ class NativeDecoder:
         self._dense: dict[tuple[int, int], nk.Weight] = {}
         self._fast_head: tuple[int, nk.Weight, float] | None = None
         self._keep: list = []
-        self.desc = PkModelBuilder(self).build(model)
-        self._fingerprint = self._current_fingerprint(model)
+        self.rope = model.rope
+        self._table = self
+        self._table_rows = 0
+        self._out_id = (ctypes.c_int32 * N_CANDIDATES).from_address(self.buffers["out_id"].data_ptr())
         self._step = lib.lib.pk_decode_step
-        self._ref = ctypes.byref(self.desc)
+        self._install(PkModelBuilder(self).build(model), self._current_fingerprint(model))
+
+    def _install(self, desc: nk.PkModel, fingerprint: tuple) -> None:
+        self.desc = desc
+        self._ref = ctypes.byref(desc)
+        self._fast = desc.fast_head.kind >= 0
+        self._fingerprint = fingerprint
 
     # ------------------------------------------------------------------ binding
 
@@ -138,9 +155,8 @@ class NativeDecoder:
         fingerprint = self._current_fingerprint(model)
         if fingerprint != self._fingerprint:
             self._keep = []
-            self.desc = PkModelBuilder(self).build(model)
-            self._ref = ctypes.byref(self.desc)
-            self._fingerprint = fingerprint
+            self.rope = model.rope
+            self._install(PkModelBuilder(self).build(model), fingerprint)
         if not model.cache_length:
             raise Unsupported("no KV cache")
 
@@ -149,29 +165,40 @@ class NativeDecoder:
     def step(self, token: int, pos: int, want: int) -> Scores:
         """Decode `token` at `pos`. want = how many top tokens sampling reads (1 greedy, k
         for top-k), 0 = every logit."""
-        model = self.model_ref()
-        rope = model.rope
-        if rope.cos is not None and pos < rope.cos.size(0) and (
-            not rope.length_dependent or pos + 1 <= rope.original_max
-        ):
-            row = rope.cos.size(1) * 4 * pos
-            cos, sin = rope.cos.data_ptr() + row, rope.sin.data_ptr() + row
-            keep = None
+        rope = self.rope
+        if rope.cos is not self._table:
+            self._rope_table(rope)
+        keep = None
+        if pos < self._table_rows:
+            cos, sin = self._cos + self._row_bytes * pos, self._sin + self._row_bytes * pos
         else:  # a length-dependent rope past its original context: its own table
-            keep = rope.table(torch.tensor([pos]), pos + 1)
-            keep = tuple(t.float().contiguous() for t in keep)
+            keep = tuple(t.float().contiguous() for t in rope.table(torch.tensor([pos]), pos + 1))
             cos, sin = keep[0].data_ptr(), keep[1].data_ptr()
-        if want > MAX_TOP or self.desc.fast_head.kind < 0:
+        if want > MAX_TOP or not self._fast:
             want = 0
         self.steps += 1
         got = self._step(self._ref, token, pos, cos, sin, want, torch.get_num_threads())
         del keep
         if want and got >= want:
-            return Scores(top_ids=self.buffers["out_id"][:got], top_values=self.buffers["out_val"][:got])
+            return Scores(count=got, best=self._out_id[0], decoder=self)
         if want:
             self.fallbacks += 1
             self.lib.lib.pk_head_full(self._ref, torch.get_num_threads())
         return Scores(logits=self.buffers["logits"])
+
+    def _rope_table(self, rope) -> None:
+        """Pointers into the model's cos/sin tables [positions, rope_n_elem] (fp32), for the
+        positions whose rows a forward would read from them."""
+        self._table = rope.cos
+        if rope.cos is None or rope.cos.dtype != torch.float32:
+            self._table_rows = 0
+            return
+        rows = rope.cos.size(0)
+        if rope.length_dependent:
+            rows = min(rows, rope.original_max)
+        self._table_rows = rows
+        self._row_bytes = rope.cos.size(1) * 4
+        self._cos, self._sin = rope.cos.data_ptr(), rope.sin.data_ptr()
 
     # ------------------------------------------------------------------ cached pieces
 

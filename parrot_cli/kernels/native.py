@@ -8,15 +8,17 @@ extension would take about a minute to build and would tie the cache to one torc
 OpenMP inside the library resolves to the libgomp torch already loaded, so the kernels and
 torch's own ops share one pool of threads.
 
-Anything that stops the build or the load (no compiler, a failed compile, a non-CPU
-device, `PARROT_KERNELS=torch`) leaves `library()` None: every caller then uses torch's
-kernels, and `unavailable_reason()` says why. After loading, each instruction set the CPU
+Anything that stops the build or the load (no compiler, a failed compile,
+`PARROT_KERNELS=torch`) leaves `library()` None: every caller then uses torch's kernels,
+and `unavailable_reason()` says why. `PARROT_KERNELS=generic|avx2|avx512` picks an
+instruction set (default: the widest this CPU runs). After loading, each instruction set the CPU
 runs is checked against the portable C code on a small problem (`_self_check`); one that
 disagrees is not used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,17 +98,43 @@ class Native:
 
 
 _unavailable: list[str] = []
+_turned_off = 0
 
 
 def unavailable_reason() -> str | None:
     """Why `library()` is None (after it was called), or None when it loaded."""
+    if _turned_off:
+        return "turned off"
     return _unavailable[0] if _unavailable else None
 
 
-@functools.cache
 def library() -> Native | None:
     """The native kernels, built on first use; None (see `unavailable_reason`) when they
     cannot be used here."""
+    return None if _turned_off else _load()
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """Inside this block `library()` is None: modules built here use torch's kernels (to
+    compare the two, or to measure what the native ones bring)."""
+    global _turned_off
+    _turned_off += 1
+    try:
+        yield
+    finally:
+        _turned_off -= 1
+
+
+def reset() -> None:
+    """Forget the loaded library and why it was unavailable: the next `library()` looks
+    again (after the environment changed: `CC`, `PARROT_KERNELS`, the cache)."""
+    _load.cache_clear()
+    _unavailable.clear()
+
+
+@functools.cache
+def _load() -> Native | None:
     choice = os.environ.get("PARROT_KERNELS", "auto").strip().lower()
     if choice in ("torch", "off", "0", "none"):
         _unavailable.append("PARROT_KERNELS=torch turns them off")
@@ -124,6 +153,11 @@ def library() -> Native | None:
     supported = [name for i, name in enumerate(ISA_NAMES) if bits & (1 << i)]
     working = [isa for isa in supported if isa == "generic" or _self_check(lib, isa)]
     best = working[-1]
+    if choice in ISA_NAMES:  # PARROT_KERNELS=avx2: that instruction set, if this CPU runs it
+        if choice not in working:
+            _unavailable.append(f"PARROT_KERNELS={choice}, but this CPU runs {', '.join(working)}")
+            return None
+        best = choice
     lib.pk_select_isa(ISA_NAMES.index(best))
     return Native(lib, path, best, bool(lib.pk_openmp()), working)
 
