@@ -70,20 +70,34 @@ def bench(capsys, *args: str) -> tuple[int, str, str]:
 
 @contextlib.contextmanager
 def forward_lengths(on_call=None):
-    """Record the input length of every forward call of every parrot GPT (in order)."""
+    """Record the input length of every forward call of every parrot GPT, and 1 for each
+    fused decode step (kernels/decode.py: a step that runs no forward), in order."""
+    from parrot_cli.kernels.decode import NativeDecoder
+
     calls: list[int] = []
+
+    def record(length: int) -> None:
+        calls.append(length)
+        if on_call is not None:
+            on_call(len(calls))
 
     def hook(module, args, output):
         if isinstance(module, GPT):
-            calls.append(args[0].shape[1])
-            if on_call is not None:
-                on_call(len(calls))
+            record(args[0].shape[1])
+
+    fused_step = NativeDecoder.step
+
+    def step(self, *args):
+        record(1)
+        return fused_step(self, *args)
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    NativeDecoder.step = step
     try:
         yield calls
     finally:
         handle.remove()
+        NativeDecoder.step = fused_step
 
 
 def test_json_has_every_field_samples_and_exact_decode_steps(tiny, text_file, capsys):

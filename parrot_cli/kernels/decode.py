@@ -128,13 +128,23 @@ class NativeDecoder:
         self._table_rows = 0
         self._out_id = (ctypes.c_int32 * N_CANDIDATES).from_address(self.buffers["out_id"].data_ptr())
         self._step = lib.lib.pk_decode_step
-        self._install(PkModelBuilder(self).build(model), self._current_fingerprint(model))
+        builder = PkModelBuilder(self)
+        self._install(builder.build(model), self._current_fingerprint(model), builder.fast_pending)
 
-    def _install(self, desc: nk.PkModel, fingerprint: tuple) -> None:
+    def _install(self, desc: nk.PkModel, fingerprint: tuple, fast_pending: torch.Tensor | None) -> None:
         self.desc = desc
         self._ref = ctypes.byref(desc)
         self._fast = desc.fast_head.kind >= 0
+        self._fast_pending = fast_pending
         self._fingerprint = fingerprint
+
+    def _build_fast_head(self) -> None:
+        """The int8 mirror of the float head, made at the first step that can use it (not
+        at load: the first token, from the prefill, does not wait for it)."""
+        weight, err = self.fast_head(self._fast_pending)
+        self.desc.fast_head, self.desc.fast_head_err = weight.desc, err.data_ptr()
+        self._keep += [weight, err]
+        self._fast, self._fast_pending = True, None
 
     # ------------------------------------------------------------------ binding
 
@@ -156,7 +166,8 @@ class NativeDecoder:
         if fingerprint != self._fingerprint:
             self._keep = []
             self.rope = model.rope
-            self._install(PkModelBuilder(self).build(model), fingerprint)
+            builder = PkModelBuilder(self)
+            self._install(builder.build(model), fingerprint, builder.fast_pending)
         if not model.cache_length:
             raise Unsupported("no KV cache")
 
@@ -174,6 +185,8 @@ class NativeDecoder:
         else:  # a length-dependent rope past its original context: its own table
             keep = tuple(t.float().contiguous() for t in rope.table(torch.tensor([pos]), pos + 1))
             cos, sin = keep[0].data_ptr(), keep[1].data_ptr()
+        if want and self._fast_pending is not None:
+            self._build_fast_head()
         if want > MAX_TOP or not self._fast:
             want = 0
         self.steps += 1
@@ -239,6 +252,7 @@ class PkModelBuilder:
 
     def __init__(self, decoder: NativeDecoder) -> None:
         self.d = decoder
+        self.fast_pending: torch.Tensor | None = None  # a float head to mirror in int8
 
     def build(self, model: GPT) -> nk.PkModel:
         d, c = self.d, self.d.config
@@ -271,12 +285,11 @@ class PkModelBuilder:
         d._keep.append(layers)
         desc.emb = self.embedding(model.transformer.wte)
         desc.lnf_w, desc.lnf_b = self.norm(model.transformer.ln_f)
-        desc.head, fast = self.head(model.lm_head)
-        if fast is None:
-            desc.fast_head.kind = -1
-        else:
-            desc.fast_head, desc.fast_head_err = fast[0].desc, fast[1].data_ptr()
-            d._keep += [fast[0], fast[1]]
+        head = model.lm_head
+        desc.head = self.linear(head)
+        desc.fast_head.kind = -1  # until the first step that wants it (NativeDecoder.step)
+        if type(head) is nn.Linear and head.bias is None:
+            self.fast_pending = head.weight
         for name, t in d.buffers.items():
             setattr(desc, name, t.data_ptr())
         return desc
@@ -348,8 +361,3 @@ class PkModelBuilder:
             raise Unsupported(f"{type(module).__name__} embeddings")
         self.d._keep.append(weight)
         return nk.PkLinear.from_buffer_copy(weight.desc)
-
-    def head(self, module: nn.Module) -> tuple[nk.PkLinear, tuple[nk.Weight, torch.Tensor] | None]:
-        exact = self.linear(module)
-        fast = self.d.fast_head(module.weight) if type(module) is nn.Linear and module.bias is None else None
-        return exact, fast

@@ -146,6 +146,10 @@ static int isa_width(void) { return g_isa == PK_ISA_AVX512 ? 4 : g_isa == PK_ISA
  *     32 * b0 + (2t + j / 8) * 8w + 8h + j % 8,
  * which is where unpack{lo,hi}_epi8 of the chunk's nibbles put that code in the 16-bit
  * lanes, so pmaddwd multiplies matching pairs. */
+#ifdef PK_X86
+static void q4_block_avx2(const float *xs, int16_t *qb, int w, float *dd, float *sum);
+#endif
+
 static void q4_prep(const float *x, int k, int group, int width, int16_t *q, float *d, float *bsum, float *gsum) {
     int nb = k / 32;
     int b0 = 0;
@@ -155,6 +159,14 @@ static void q4_prep(const float *x, int k, int group, int width, int16_t *q, flo
         for (int h = 0; h < w; h++) {
             int b = b0 + h;
             const float *xs = x + 32 * b;
+#ifdef PK_X86
+            if (g_isa != PK_ISA_GENERIC) {
+                float dd;
+                q4_block_avx2(xs, q + 32 * b0 + 8 * h, w, &dd, bsum + b);
+                for (int l = 0; l < 4; l++) d[4 * b + l] = dd;
+                continue;
+            }
+#endif
             float amax = 0.f, sum = 0.f;
             for (int i = 0; i < 32; i++) {
                 float a = fabsf(xs[i]);
@@ -318,6 +330,76 @@ PK_AVX2 static inline float hsum256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* One block of 32 inputs to int16 in the int4 kernels' layout (see q4_prep): even
+ * inputs 0..14 / 16..30 and odd inputs 1..15 / 17..31 as four runs of 8 at stride 8w. */
+PK_AVX2 static void q4_block_avx2(const float *xs, int16_t *qb, int w, float *dd, float *sum) {
+    __m256 v0 = _mm256_loadu_ps(xs), v1 = _mm256_loadu_ps(xs + 8), v2 = _mm256_loadu_ps(xs + 16),
+           v3 = _mm256_loadu_ps(xs + 24);
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float amax = _mm_cvtss_f32(m4);
+    *sum = hsum256(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+    *dd = amax / 32767.f;
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+    /* rounding to nearest even, like rintf; |v * inv| <= 32767 (+ rounding): packs saturates */
+    __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
+    __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv));
+    const __m256i lim = _mm256_set1_epi32(32767), nlim = _mm256_set1_epi32(-32767);
+    q0 = _mm256_max_epi32(_mm256_min_epi32(q0, lim), nlim);
+    q1 = _mm256_max_epi32(_mm256_min_epi32(q1, lim), nlim);
+    q2 = _mm256_max_epi32(_mm256_min_epi32(q2, lim), nlim);
+    q3 = _mm256_max_epi32(_mm256_min_epi32(q3, lim), nlim);
+    /* packs interleaves per 128-bit lane; permute4x64 (0, 2, 1, 3) restores input order */
+    __m256i n0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8); /* inputs 0..15 */
+    __m256i n1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q2, q3), 0xD8); /* 16..31 */
+    /* per lane: evens to the low 8 bytes, odds to the high 8; then gather the halves */
+    const __m256i eo = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    n0 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(n0, eo), 0xD8); /* [0,2..14 | 1,3..15] */
+    n1 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(n1, eo), 0xD8); /* [16..30 | 17..31] */
+    _mm_storeu_si128((__m128i *)(qb), _mm256_castsi256_si128(n0));
+    _mm_storeu_si128((__m128i *)(qb + 8 * w), _mm256_castsi256_si128(n1));
+    _mm_storeu_si128((__m128i *)(qb + 16 * w), _mm256_extracti128_si256(n0, 1));
+    _mm_storeu_si128((__m128i *)(qb + 24 * w), _mm256_extracti128_si256(n1, 1));
+}
+
+PK_AVX2 static void norm_avx2(int n, int kind, float eps, const float *x, const float *w, const float *b, float *out) {
+    int i = 0;
+    __m256 a = _mm256_setzero_ps();
+    if (kind == PK_RMSNORM) {
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            a = _mm256_fmadd_ps(v, v, a);
+        }
+        float ss = hsum256(a);
+        for (; i < n; i++) ss += x[i] * x[i];
+        __m256 r = _mm256_set1_ps(1.f / sqrtf(ss / n + eps));
+        float rs = 1.f / sqrtf(ss / n + eps);
+        for (i = 0; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), r)));
+        for (; i < n; i++) out[i] = w[i] * (x[i] * rs);
+        return;
+    }
+    for (; i + 8 <= n; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+    float mean = hsum256(a);
+    for (; i < n; i++) mean += x[i];
+    mean /= n;
+    __m256 mv = _mm256_set1_ps(mean);
+    a = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+        a = _mm256_fmadd_ps(v, v, a);
+    }
+    float var = hsum256(a);
+    for (; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
+    float r = 1.f / sqrtf(var / n + eps);
+    for (i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.f);
 }
 
 PK_AVX2 static inline __m256 load_bf16x8(const uint16_t *p) {
@@ -850,6 +932,9 @@ PK_API void pk_dequantize(const pk_linear *L, int64_t r0, int64_t r1, float *out
 
 static void norm(const pk_model *M, const float *x, const float *w, const float *b, float *out) {
     int n = M->n_embd;
+#ifdef PK_X86
+    if (g_isa != PK_ISA_GENERIC) { norm_avx2(n, M->norm_kind, M->norm_eps, x, w, b, out); return; }
+#endif
     if (M->norm_kind == PK_RMSNORM) {
         float ss = 0.f;
         for (int i = 0; i < n; i++) ss += x[i] * x[i];
