@@ -9,12 +9,15 @@ the same run), and time from command to first token.
 
 Models:
 - smollm2: SmolLM2-135M-Instruct.Q4_1.gguf (the default model's file). llama.cpp runs the
-  file; parrot converts it (dequantized, fp32) and runs each mode on it (int4 g32 lands
-  back on the file's Q4_1 grid).
+  file; parrot converts it (dequantized, fp32) and stores int8 and int4 g32 copies of it
+  (int4 g32 lands back on the file's Q4_1 grid).
 - random-1.7b: a random-weight llama of SmolLM2-1.7B's shape (hidden 2048, 24 layers, 32
   heads, intermediate 8192, vocab 49152, tied), written as an F16 GGUF with the SmolLM2
   tokenizer and quantized by llama.cpp's own quantizer to Q4_0 / Q4_1 / Q8_0; parrot
-  converts the F16 file (bf16) and quantizes it at load (int4 g32, int8 per channel).
+  converts the F16 file (bf16) and stores int8 and int4 g32 copies of it.
+The quantized parrot checkpoints hold the block Linears quantized (the head and embedding
+stay float, as load-time `--quantize` leaves them); a float head decodes through its
+exactly rescored int8 mirror.
 
 Every measurement is a fresh process (its load included), in rounds: each round measures
 the read bandwidth, then every configuration once, parrot and llama.cpp alternating; the
@@ -47,7 +50,7 @@ LLAMA_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "F16": 1}  # llama
 @dataclass
 class ParrotMode:
     label: str
-    quantize: str | None
+    checkpoint: str  # "float", or a stored quantized copy of it: "int8", "int4"
     precision: str
     env: dict[str, str] = field(default_factory=dict)
 
@@ -60,13 +63,12 @@ class ModelSpec:
     parrot_modes: tuple[ParrotMode, ...]
 
 
-G32 = {"PARROT_GROUP_SIZE": "32"}
 MODES = (
-    ParrotMode("fp32", None, "32-true"),
-    ParrotMode("bf16", None, "bf16-true"),
+    ParrotMode("fp32", "float", "32-true"),
+    ParrotMode("bf16", "float", "bf16-true"),
     ParrotMode("int8", "int8", "32-true"),
-    ParrotMode("int4 g32", "int4", "32-true", G32),
-    ParrotMode("int4 g32, torch kernels", "int4", "32-true", {**G32, "PARROT_KERNELS": "torch"}),
+    ParrotMode("int4 g32", "int4", "32-true"),
+    ParrotMode("int4 g32, torch kernels", "int4", "32-true", {"PARROT_KERNELS": "torch"}),
 )
 MODELS = {
     "smollm2": ModelSpec(512, 128, ("Q4_1",), MODES),
@@ -234,8 +236,39 @@ def parrot_bin() -> str:
     return str(Path(sys.executable).with_name("parrot"))
 
 
-def prepare(args, spec: ModelSpec) -> tuple[Path, dict[str, Path]]:
-    """(parrot checkpoint, llama.cpp type -> GGUF file)."""
+def quantized_copy(float_dir: Path, target: Path, mode: str) -> Path:
+    """`float_dir` with every block Linear stored quantized in the portable layout (int4
+    g32 or int8 per channel, the same quantizers as load-time `--quantize`): loading it maps
+    the codes instead of quantizing at every start, as a quantized checkpoint does."""
+    import shutil
+
+    from parrot_cli.checkpoint.store import CheckpointWriter, load_weights, read_info
+    from parrot_cli.quantize.qconfig import QuantizationConfig
+    from parrot_cli.quantize.weight_only import quantize_int4, quantize_int8
+
+    if target.exists():
+        return target
+    info = read_info(float_dir)
+    modules = {}
+    with CheckpointWriter(target) as writer:
+        for name, tensor in load_weights(float_dir).items():
+            owner, _, kind = name.rpartition(".")
+            if owner.startswith("transformer.h.") and kind == "weight" and tensor.dim() == 2:
+                qw = quantize_int4(tensor.float(), 32) if mode == "int4" else quantize_int8(tensor)
+                for key, t in qw.tensors(owner + ".").items():
+                    writer.add_tensor(key, t)
+                modules[owner] = qw.meta()
+            else:
+                writer.add_tensor(name, tensor)
+        for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (float_dir / extra).exists():
+                shutil.copy(float_dir / extra, writer.partial / extra)
+        provenance = {k: v for k, v in info.provenance.items() if k != "files"}
+        return writer.commit(info.config, provenance, QuantizationConfig(mode, "rtn", modules))
+
+
+def prepare(args, spec: ModelSpec) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(parrot checkpoint kind -> directory, llama.cpp type -> GGUF file)."""
     from parrot_cli.checkpoint.convert import convert
     from parrot_cli.checkpoint.sources import fetch
     from parrot_cli.config import KNOWN_MODELS, SMOLLM2_GGUF_NAME
@@ -252,7 +285,10 @@ def prepare(args, spec: ModelSpec) -> tuple[Path, dict[str, Path]]:
     checkpoint = work / f"parrot-{args.model}"
     if not checkpoint.exists():
         convert(source, checkpoint, dtype=dtype)
-    return checkpoint, files
+    checkpoints = {"float": checkpoint}
+    for mode in sorted({m.checkpoint for m in spec.parrot_modes} - {"float"}):
+        checkpoints[mode] = quantized_copy(checkpoint, work / f"parrot-{args.model}-{mode}", mode)
+    return checkpoints, files
 
 
 def main() -> None:
@@ -287,10 +323,10 @@ def run(args) -> None:
     from parrot_cli.machine import measure_read_bandwidth
 
     spec = MODELS[args.model]
-    checkpoint, files = prepare(args, spec)
+    checkpoints, files = prepare(args, spec)
     from parrot_cli.checkpoint.store import read_info
 
-    vocab = read_info(checkpoint).config.vocab_size
+    vocab = read_info(checkpoints["float"]).config.vocab_size
     generator = torch.Generator().manual_seed(0)  # parrot bench's prompt: the same ids
     prompt = torch.randint(0, vocab, (spec.prompt,), generator=generator).tolist()
     prompt_file = Path(args.work) / f"prompt-{args.model}.json"
@@ -310,7 +346,7 @@ def run(args) -> None:
         bandwidths.append(measure_read_bandwidth("cpu"))
         for row in order:
             print(f"round {r + 1}/{args.rounds}: {label(row)} (load {load_average():.2f})", file=sys.stderr)
-            results[label(row)].append(measure(args, row, checkpoint, files, spec, prompt_file, bandwidths[-1]))
+            results[label(row)].append(measure(args, row, checkpoints, files, spec, prompt_file, bandwidths[-1]))
         loads.append(load_average())
     report = {"model": args.model, "spec": {"prompt": spec.prompt, "gen": spec.gen}, "machine": machine(),
               "started": started, "load_average": loads, "bandwidth_gbs": bandwidths,
@@ -328,8 +364,8 @@ def label(row) -> str:
     return f"llama.cpp {what}" if engine == "llama.cpp" else f"parrot {what.label}"
 
 
-def measure(args, row, checkpoint: Path, files: dict[str, Path], spec: ModelSpec, prompt_file: Path,
-            bandwidth: float) -> dict:
+def measure(args, row, checkpoints: dict[str, Path], files: dict[str, Path], spec: ModelSpec,
+            prompt_file: Path, bandwidth: float) -> dict:
     engine, what = row
     if engine == "llama.cpp":
         path = str(files[what])
@@ -339,8 +375,8 @@ def measure(args, row, checkpoint: Path, files: dict[str, Path], spec: ModelSpec
                                      "--first-token-llama", path])
         return got
     env = dict(what.env)
-    bench = run_json([parrot_bin(), "bench", "--checkpoint-dir", str(checkpoint),
-                      "--quantize", what.quantize or "none", "--precision", what.precision,
+    checkpoint = checkpoints[what.checkpoint]
+    bench = run_json([parrot_bin(), "bench", "--checkpoint-dir", str(checkpoint), "--precision", what.precision,
                       "-p", str(spec.prompt), "-n", str(spec.gen), "-r", str(args.reps),
                       "--threads", str(args.threads), "--bandwidth", f"{bandwidth:.3f}", "--json"], env)
     row_ = bench["results"][0]
@@ -353,8 +389,6 @@ def measure(args, row, checkpoint: Path, files: dict[str, Path], spec: ModelSpec
     }
     cmd = [parrot_bin(), "generate", TTFT_PROMPT, "--checkpoint-dir", str(checkpoint), "--max-new-tokens", "1",
            "--temperature", "0", "--precision", what.precision, "--threads", str(args.threads)]
-    if what.quantize:
-        cmd += ["--quantize", what.quantize]
     got["first_token_s"] = wall(cmd, env)
     return got
 

@@ -48,7 +48,8 @@ def isa(lib: native.Native, name: str):
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max())
+    got, expected = got.detach().double(), expected.detach().double()
+    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def int4_cases(gen: torch.Generator) -> list[tuple[str, QuantizedWeight]]:
@@ -113,6 +114,21 @@ def test_native_and_torch_backends_agree():
                 assert y.dtype == dtype and y.shape == (rows, 96)
                 # torch's kernels compute in bf16; native in fp32 (bf16 inputs stay as given)
                 assert relative_error(y, expected) < (1e-2 if backend == "torch" or dtype == torch.bfloat16 else 1e-4)
+
+
+def test_widened_bf16_linear_computes_in_fp32(lib):
+    """bf16 weights on a CPU without bf16 arithmetic: decode rows through the bf16 matvec,
+    prefill rows through fp32 tiles; both equal the fp32 product of the bf16 weights."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 80).bfloat16()
+    widened = native.WidenedLinear(linear)
+    assert native.widen_bf16_linears(torch.nn.Sequential(torch.nn.Linear(4, 4).bfloat16())) == 1
+    for rows in (1, 40):
+        x = torch.randn(rows, 128).bfloat16()
+        expected = x.double() @ linear.weight.double().T + linear.bias.double()
+        y = widened(x)
+        assert y.dtype == torch.bfloat16
+        assert relative_error(y, expected) < 4e-3  # the output rounded to bf16, nothing else
 
 
 def test_no_compiler_means_torch_kernels(tmp_path, monkeypatch, tiny_checkpoint, lib):

@@ -81,6 +81,11 @@ def detach(model: GPT) -> None:
     _decoders.pop(model, None)
 
 
+def attached(model: nn.Module) -> NativeDecoder | None:
+    """The fused step attached to `model` (unchecked: see `decoder_for`)."""
+    return _decoders.get(model) if isinstance(model, GPT) else None
+
+
 def decoder_for(model: nn.Module) -> NativeDecoder | None:
     """The fused step of `model`, if it has one and it still matches the model's modules and
     caches (checked once per generation)."""
@@ -213,6 +218,36 @@ class NativeDecoder:
         self._row_bytes = rope.cos.size(1) * 4
         self._cos, self._sin = rope.cos.data_ptr(), rope.sin.data_ptr()
 
+    # ------------------------------------------------------------------ sizes
+
+    def mirror_bytes(self) -> int:
+        """Memory of the int8 mirror of a float head (made at the first decode step)."""
+        head = self.model_ref().lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            return 0
+        vocab, width = head.weight.shape
+        return vocab * width + vocab * (2 + 4)  # int8 codes, bf16 scales, fp32 row errors
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes one greedy or top-k step reads: every block's, one embedding row,
+        the final norm, and the head it runs (a float head's int8 mirror; the few rows it
+        rescores are left out). The KV cache is not counted."""
+        model = self.model_ref()
+
+        def held(module: nn.Module) -> int:
+            own = sum(p.numel() * p.element_size() for p in module.parameters())
+            return own + sum(getattr(m, "nbytes", 0) for m in module.modules() if isinstance(getattr(m, "nbytes", None), int))
+
+        total = sum(held(block) for block in model.transformer.h) + held(model.transformer.ln_f)
+        wte = model.transformer.wte
+        table = held(wte)
+        total += table // self.config.vocab_size  # one row
+        mirror = self.mirror_bytes()
+        if mirror:
+            return total + mirror
+        head = held(model.lm_head)
+        return total + (head or table)  # a tied quantized head reads the embedding's codes
+
     # ------------------------------------------------------------------ cached pieces
 
     def f32(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -320,7 +355,7 @@ class PkModelBuilder:
     def linear(self, module: nn.Module) -> nk.PkLinear:
         from parrot_cli.quantize.weight_only import Int4Linear, Int8Linear
 
-        if type(module) is nn.Linear:
+        if type(module) in (nn.Linear, nk.WidenedLinear):
             if module.weight.dtype not in (torch.float32, torch.bfloat16) or not module.weight.is_contiguous():
                 raise Unsupported(f"a {module.weight.dtype} linear")
             weight = self.d.dense(module.weight)

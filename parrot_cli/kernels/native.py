@@ -379,3 +379,44 @@ def _self_check(lib: ctypes.CDLL, isa: str) -> bool:
         ok &= bool((outs[0] - outs[1]).abs().max().item() <= 1e-4 * scale)
     lib.pk_select_isa(0)
     return ok
+
+
+class WidenedLinear(torch.nn.Module):
+    """A bf16 `nn.Linear` for CPUs without bf16 arithmetic (AVX2): torch emulates bf16
+    matmuls there, ~4x slower than fp32. The weight stays bf16 (half the bytes a decode
+    step reads, through the native kernels); a prefill's matmul runs in fp32 on weight tiles
+    widened to fp32, and the result is rounded back to bf16."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._weight: Weight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = library()
+        rows = x.reshape(-1, self.in_features)
+        if self._weight is None or self._weight.tensors[0].data_ptr() != self.weight.data_ptr():
+            self._weight = dense_weight(self.weight)
+        if rows.size(0) <= 4:
+            y = linear_forward(lib, self._weight, rows)
+        else:
+            y = dense_forward(lib, self._weight, rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 widened to fp32"
+
+
+def widen_bf16_linears(model: torch.nn.Module) -> int:
+    """Replace every bf16 nn.Linear of `model` by a WidenedLinear; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
+                setattr(parent, name, WidenedLinear(child))
+                count += 1
+    return count
