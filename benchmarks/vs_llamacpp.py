@@ -342,21 +342,23 @@ def run(args) -> None:
     results: dict[str, list[dict]] = {label(r): [] for r in order}
     bandwidths, loads = [], [load_average()]
     started = time.strftime("%Y-%m-%d %H:%M %Z")
+    about = machine()
     for r in range(args.rounds):
         bandwidths.append(measure_read_bandwidth("cpu"))
         for row in order:
             print(f"round {r + 1}/{args.rounds}: {label(row)} (load {load_average():.2f})", file=sys.stderr)
             results[label(row)].append(measure(args, row, checkpoints, files, spec, prompt_file, bandwidths[-1]))
         loads.append(load_average())
-    report = {"model": args.model, "spec": {"prompt": spec.prompt, "gen": spec.gen}, "machine": machine(),
-              "started": started, "load_average": loads, "bandwidth_gbs": bandwidths,
-              "command": " ".join([Path(sys.executable).name, "benchmarks/vs_llamacpp.py", *sys.argv[1:]]),
-              "results": results}
-    text = markdown(report)
+        # the report so far after every round: a run cut short still leaves its rounds
+        report = {"model": args.model, "spec": {"prompt": spec.prompt, "gen": spec.gen}, "machine": about,
+                  "started": started, "load_average": loads, "bandwidth_gbs": bandwidths,
+                  "command": " ".join([Path(sys.executable).name, "benchmarks/vs_llamacpp.py", *sys.argv[1:]]),
+                  "results": results}
+        text = markdown(report)
+        if args.out:
+            args.out.write_text(text)
+            args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(text)
-    if args.out:
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
 
 
 def label(row) -> str:
