@@ -30,6 +30,10 @@ from parrot_cli.errors import (
 )
 from parrot_cli.generation import SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
+from parrot_cli.kernels.decode import attach as attach_fused_decode
+from parrot_cli.kernels.decode import attached as attached_decoder
+from parrot_cli.kernels.native import library as native_library
+from parrot_cli.kernels.native import widen_bf16_linears
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
@@ -178,6 +182,8 @@ class LLM:
         self.load_seconds = 0.0
         self.quantization: QuantSpec | None = None  # what LLM.load quantized, if anything
         self.stored_quantization: QuantizationConfig | None = None  # what the checkpoint holds
+        # What runs a decode step: "native avx2" (the fused step, kernels/decode.py) or "torch".
+        self.decode_kernel = "torch"
         # Called with one-line notices (e.g. a large KV cache); the CLI prints them dimmed.
         self.notify: Callable[[str], None] = lambda message: None
 
@@ -250,8 +256,17 @@ class LLM:
             else None
         )
         gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
-        if can_pack(dev, dtype) and not settings.get("compile"):
-            pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
+        # A fused native decode step where it applies (one call a token); otherwise torch's
+        # modules, with oneDNN-prepacked linears (inductor, under --compile, cannot lower
+        # packed weights: it packs its own).
+        decode_kernel = "torch"
+        if not settings.get("compile") and dev.type == "cpu" and native_library() is not None:
+            if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+                widen_bf16_linears(gpt)  # prefill in fp32: torch emulates bf16 matmuls here
+            if attach_fused_decode(gpt) is None:
+                decode_kernel = f"native {native_library().isa}"
+        if decode_kernel == "torch" and can_pack(dev, dtype) and not settings.get("compile"):
+            pack_linears(gpt)
         fixed = settings.get("max_seq_length")
         if fixed is not None and not 0 < fixed <= info.config.block_size:
             raise UsageError(
@@ -260,6 +275,7 @@ class LLM:
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
         llm.quantization = quantization
         llm.stored_quantization = stored
+        llm.decode_kernel = decode_kernel
         if settings.get("compile"):
             llm._compile()
         llm.load_seconds = time.perf_counter() - start
@@ -539,8 +555,10 @@ class LLM:
 
     def weight_bytes(self) -> int:
         """Bytes the weights occupy: parameters (shared ones once) plus the weights of
-        modules that keep them outside parameters (packed or quantized; they say `nbytes`)."""
-        seen, total = set(), 0
+        modules that keep them outside parameters (packed or quantized; they say `nbytes`),
+        and the int8 mirror of a float head that the fused decode step reads."""
+        fused = attached_decoder(self.model)
+        seen, total = set(), fused.mirror_bytes() if fused else 0
         for module in self.model.modules():
             nbytes = getattr(module, "nbytes", None)
             if isinstance(nbytes, int):

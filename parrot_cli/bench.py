@@ -266,10 +266,16 @@ class _Parrot(_Engine):
         )
         self.precision = self.llm.precision
         self.quantize = self.llm.settings.get("quantize")
+        from parrot_cli.kernels.decode import attached
+
         self.weight_bytes = self.llm.weight_bytes()
-        self.bytes_per_token = self.weight_bytes - _untied_embedding_bytes(
-            self.llm.model.transformer.wte, self.llm.model.lm_head
-        )
+        fused = attached(self.llm.model)
+        if fused is not None:  # what its fused step reads (the head's int8 mirror, say)
+            self.bytes_per_token = fused.bytes_per_token()
+        else:
+            self.bytes_per_token = self.weight_bytes - _untied_embedding_bytes(
+                self.llm.model.transformer.wte, self.llm.model.lm_head
+            )
 
     def run(self, prompt: list[int], gen_tokens: int) -> tuple[float, float, int]:
         import torch

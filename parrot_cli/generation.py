@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parrot_cli.kernels.decode import Scores, decoder_for
 from parrot_cli.model import GPT
 
 
@@ -74,6 +75,32 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def top_needed(p: SamplingParams) -> int:
+    """How many of the best tokens sampling with `p` reads: 1 for greedy, k for top-k; 0
+    when it needs every logit (no top-k, or a repetition penalty that reorders them)."""
+    if p.repetition_penalty != 1.0:
+        return 0
+    if p.greedy:
+        return 1
+    return p.top_k or 0
+
+
+def sample_scores(
+    scores: Scores, p: SamplingParams, vocab: int, generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> int:
+    """`sample` on a fused step's output: all logits, or only the verified best tokens
+    (then every other token is below them, so greedy and top-k see exactly what the full
+    logits would give them, and draw the same token from the same generator)."""
+    if scores.logits is not None:
+        return sample(scores.logits, p, generator, seen)
+    if p.greedy:
+        return scores.best
+    logits = torch.full((vocab,), float("-inf"))
+    logits[scores.top_ids.long()] = scores.top_values
+    return sample(logits, p, generator, seen)
+
+
 def generate_tokens(
     model: GPT,
     prompt: list[int],
@@ -91,23 +118,35 @@ def generate_tokens(
     start_pos + len(prompt) + max_new_tokens - 1 positions. `history` is the context
     already in the cache (for the repetition penalty); tokens kept in the cache by a
     caller that continues a conversation are not prefilled again.
+
+    The prefill runs the model's forward; each decode step runs the model's fused step
+    when it has one (`kernels/decode.py`: one native call a token), else its forward.
     """
     device = model.transformer.ln_f.weight.device
     eos = set(eos_ids)
     track = params.repetition_penalty != 1.0
     seen = list(history or []) + list(prompt) if track else []
-    pos = start_pos
+    fused = decoder_for(model)
+    want = top_needed(params)
+    vocab = model.config.vocab_size
+    # Only parrot's GPT takes `last_only` (a wrapper around it may not).
+    head_kw = {"last_only": True} if isinstance(model, GPT) else {}
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None]
-    input_pos = torch.arange(pos, pos + len(prompt), device=device)
+    input_pos = torch.arange(start_pos, start_pos + len(prompt), device=device)
+    pos = start_pos + len(prompt)  # where the next token goes
     for step in range(max_new_tokens):
-        logits = model(idx, input_pos)[0, -1]
         seen_t = torch.tensor(sorted(set(seen)), dtype=torch.long, device=device) if track else None
-        token = sample(logits, params, generator, seen_t)
+        if step == 0 or fused is None:
+            logits = model(idx, input_pos, **head_kw)[0, -1]
+            token = sample(logits, params, generator, seen_t)
+        else:
+            token = sample_scores(fused.step(token, pos - 1, want), params, vocab, generator, seen_t)
         yield token
         if token in eos or step == max_new_tokens - 1:
             return
         if track:
             seen.append(token)
-        pos = int(input_pos[-1]) + 1
-        idx = torch.tensor([[token]], dtype=torch.long, device=device)
-        input_pos = torch.tensor([pos], device=device)
+        if fused is None:
+            idx = torch.tensor([[token]], dtype=torch.long, device=device)
+            input_pos = torch.tensor([pos], device=device)
+        pos += 1

@@ -68,10 +68,14 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
         self.cache_length = 0
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *, last_only: bool = False
+    ) -> torch.Tensor:
         """idx: [B, T] token ids. input_pos: [T] absolute positions (needs caches), or None
         for a full causal pass from position 0 that reads and writes no cache.
-        Returns logits [B, T, vocab]."""
+        Returns logits [B, T, vocab], or [B, 1, vocab] for the last position with
+        `last_only` (what a prefill samples from: the head of the other positions is ~20%
+        of a small model's prefill work)."""
         T = idx.size(1)
         if input_pos is None:
             positions = torch.arange(T, device=idx.device)
@@ -87,6 +91,8 @@ class GPT(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # as the reference: rotate in the working dtype
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos, kv_len, mask)
+        if last_only:
+            x = x[:, -1:]
         x = self.transformer.ln_f(x)
         return self.lm_head(x)
 

@@ -70,20 +70,34 @@ def bench(capsys, *args: str) -> tuple[int, str, str]:
 
 @contextlib.contextmanager
 def forward_lengths(on_call=None):
-    """Record the input length of every forward call of every parrot GPT (in order)."""
+    """Record the input length of every forward call of every parrot GPT, and 1 for each
+    fused decode step (kernels/decode.py: a step that runs no forward), in order."""
+    from parrot_cli.kernels.decode import NativeDecoder
+
     calls: list[int] = []
+
+    def record(length: int) -> None:
+        calls.append(length)
+        if on_call is not None:
+            on_call(len(calls))
 
     def hook(module, args, output):
         if isinstance(module, GPT):
-            calls.append(args[0].shape[1])
-            if on_call is not None:
-                on_call(len(calls))
+            record(args[0].shape[1])
+
+    fused_step = NativeDecoder.step
+
+    def step(self, *args):
+        record(1)
+        return fused_step(self, *args)
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    NativeDecoder.step = step
     try:
         yield calls
     finally:
         handle.remove()
+        NativeDecoder.step = fused_step
 
 
 def test_json_has_every_field_samples_and_exact_decode_steps(tiny, text_file, capsys):
@@ -122,10 +136,20 @@ def test_json_has_every_field_samples_and_exact_decode_steps(tiny, text_file, ca
     llm = LLM.load(tiny, precision="32-true", device="cpu")
     reference = llm.perplexity(TEXT)
     # A token reads every weight but the input embedding (one row of it), unless that
-    # table is also the head (tied and not repacked into a head of its own).
-    shared = getattr(llm.model.lm_head, "weight", None) is llm.model.transformer.wte.weight
+    # table is also the head (tied and not repacked into a head of its own); a fused step
+    # reads its head's int8 mirror instead of the float head.
+    from parrot_cli.kernels.decode import attached
+
     assert parrot["weight_bytes"] == llm.weight_bytes()
-    assert parrot["bytes_per_token"] == parrot["weight_bytes"] - (0 if shared else 112 * 64 * 4)
+    shared = getattr(llm.model.lm_head, "weight", None) is llm.model.transformer.wte.weight
+    fused = attached(llm.model)
+    if fused is not None:
+        mirror = 112 * (64 + 6)  # int8 codes, bf16 scales and fp32 row errors of 112 rows
+        assert fused.mirror_bytes() == mirror
+        tables = (1 if shared else 2) * 112 * 64 * 4  # the float embedding (and head)
+        assert parrot["bytes_per_token"] == parrot["weight_bytes"] - tables + 64 * 4
+    else:
+        assert parrot["bytes_per_token"] == parrot["weight_bytes"] - (0 if shared else 112 * 64 * 4)
     assert parrot["perplexity"] == pytest.approx(reference, rel=1e-6)
     assert peer["perplexity"] == pytest.approx(reference, rel=1e-4)
     ratios = parrot["vs"]["transformers"]

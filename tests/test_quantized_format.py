@@ -87,18 +87,27 @@ def test_rows_columns_and_fusion():
 
 @pytest.mark.parametrize("group", [32, 64, 128, 512])
 def test_kernel_groups_repeat_scales_exactly(group):
-    """A group the kernel does not take (512, per-channel GPTQ) runs on repeated scales:
-    the module still computes x @ dequant(W)^T."""
+    """A group torch's kernel does not take (512, per-channel GPTQ) runs there on repeated
+    scales; the native kernels take it as stored. Either way the module computes
+    x @ dequant(W)^T."""
+    from parrot_cli.kernels.native import turned_off
+
     k = 512
     weight = _int_zero_weight(32, k, group)
-    layer = Int4Linear.from_quantized(weight, None)
+    with turned_off():
+        layer = Int4Linear.from_quantized(weight, None)
     x = torch.randn(2, k, dtype=torch.bfloat16)
-    # The kernel computes in bf16 with bf16 scales and zeros: compare against those.
+    # torch's kernel computes in bf16 with bf16 scales and zeros: compare against those.
     sz_weight = QuantizedWeight(4, weight.data, weight.scales.to(torch.bfloat16).float(),
                                 zeros=weight.tinygemm_zeros().to(torch.bfloat16).float())
     expected = x.float() @ sz_weight.dequantize().T
     torch.testing.assert_close(layer(x).float(), expected, atol=0.1, rtol=0.02)
-    assert layer.group_size == min(group, 256)
+    assert layer.backend == "torch" and layer.group_size == min(group, 256)
+    native = Int4Linear.from_quantized(weight, None)
+    if native.backend == "native":  # fp32 on the stored integer zeros: far closer
+        assert native.group_size == group
+        exact = x.double() @ weight.dequantize().double().T
+        torch.testing.assert_close(native(x.float()).double(), exact, atol=2e-3, rtol=1e-3)
 
 
 def test_int8_with_groups_is_requantized_per_channel_for_the_kernel():

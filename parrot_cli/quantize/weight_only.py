@@ -104,7 +104,14 @@ def _refit(
 
 class _WeightOnlyLinear(nn.Module):
     """Shared shape handling: [*, K] inputs in any float dtype -> [*, N] in that dtype.
-    `perm` (act-order weights) gathers the inputs into the order the weight was stored in."""
+    `perm` (act-order weights) gathers the inputs into the order the weight was stored in.
+
+    Two backends. "native" (CPU, when parrot's kernels built: `kernels/native.py`) reads
+    the portable layout as stored and computes in fp32: a matrix-vector kernel for a few
+    rows (decode), and for more rows (a prefill) the weight dequantized tile by tile into
+    fp32 for torch's dense matmul. "torch" runs torch's packed-weight kernels in bf16."""
+
+    backend = "torch"
 
     def __init__(
         self, in_features: int, out_features: int, bias: torch.Tensor | None, perm: torch.Tensor | None = None
@@ -114,12 +121,17 @@ class _WeightOnlyLinear(nn.Module):
         self.out_features = out_features
         self.register_buffer("bias", bias)
         self.register_buffer("perm", perm)
+        self._native_key: tuple = ()
+        self._native_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows.index_select(1, self.perm)
-        y = self._matmul(rows if rows.dtype == COMPUTE else rows.to(COMPUTE))
+        if self.backend == "native":
+            y = self._native_matmul(rows)
+        else:
+            if self.perm is not None:
+                rows = rows.index_select(1, self.perm)
+            y = self._matmul(rows if rows.dtype == COMPUTE else rows.to(COMPUTE))
         if self.bias is not None:
             y = y + self.bias
         if y.dtype != x.dtype:
@@ -129,8 +141,47 @@ class _WeightOnlyLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _native_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        raise NotImplementedError
+
+    def native_weight(self):
+        """The kernels' descriptor of this weight (bias excluded: forward adds it), rebuilt
+        when a buffer moved (`.to()`)."""
+        from parrot_cli.kernels import native
+
+        tensors = self._native_tensors()
+        key = tuple(None if t is None else t.data_ptr() for t in tensors)
+        if key != self._native_key:
+            self._native_weight = self._describe(native, *tensors)
+            self._native_key = key
+        return self._native_weight
+
+    def _native_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        from parrot_cli.kernels import native
+
+        lib = native.library()
+        if rows.size(0) <= NATIVE_ROWS:
+            return native.linear_forward(lib, self.native_weight(), rows)  # gathers perm itself
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
+        return native.dense_forward(lib, self.native_weight(), rows)
+
     def _tensor_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+
+# Up to this many rows the native backend runs its matrix-vector kernel once per row;
+# above it (a prefill) a dense fp32 matmul on dequantized tiles is faster.
+NATIVE_ROWS = 4
+
+
+def native_backend(device: torch.device) -> bool:
+    """Whether weights on `device` run on parrot's native kernels (CPU, library built)."""
+    if device.type != "cpu":
+        return False
+    from parrot_cli.kernels import native
+
+    return native.library() is not None
 
 
 class Int8Linear(_WeightOnlyLinear):
@@ -142,6 +193,8 @@ class Int8Linear(_WeightOnlyLinear):
         super().__init__(weight.size(1), weight.size(0), bias, perm)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        if native_backend(weight.device):
+            self.backend = "native"
         self.use_kernel = int8_kernel_works(weight.device)
         self.nbytes = self._tensor_bytes()  # weight bytes, read by LLM.weight_bytes
 
@@ -163,34 +216,53 @@ class Int8Linear(_WeightOnlyLinear):
         perm = None if qw.perm is None else qw.perm.to(device)
         return cls(qw.data.to(device), qw.scales[:, 0].to(device, COMPUTE), bias, perm)
 
+    def _native_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.weight, self.scales, self.perm
+
+    @staticmethod
+    def _describe(native, weight, scales, perm):
+        return native.int8_weight(weight, scales, None, perm)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.size(0) <= DENSE_ROWS:
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
         return F.linear(x, self.weight.to(COMPUTE) * self.scales[:, None])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {self.backend}"
 
 
 class Int4Linear(_WeightOnlyLinear):
-    """y = x @ dequant(q)^T + bias with q int4 packed for torch's kernel on the weight's
-    device, and a bf16 scale and zero per group of `group_size` inputs."""
+    """y = x @ dequant(q)^T + bias, q int4 with a scale and zero per group of `group_size`
+    inputs. Native backend: the portable layout as stored (`qweight` uint8 [N, K/2],
+    `scales`, float `zeros` or integer `qzeros` [N, G]; shared with a memory-mapped
+    checkpoint, not copied). Torch backend: packed for torch's kernel on the weight's device
+    (`packed`, bf16 `scales_and_zeros` [G, N, 2] in tinygemm's convention)."""
 
     def __init__(
         self,
-        packed: torch.Tensor,
-        scales_and_zeros: torch.Tensor,
+        packed: torch.Tensor | None,
+        scales_and_zeros: torch.Tensor | None,
         group_size: int,
         in_features: int,
         out_features: int,
         bias: torch.Tensor | None,
         perm: torch.Tensor | None = None,
+        portable: QuantizedWeight | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, perm)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.group_size = group_size
-        self.on_cpu = packed.device.type == "cpu"
+        if portable is not None:
+            self.backend = "native"
+            self.register_buffer("qweight", portable.data)
+            self.register_buffer("scales", portable.scales)
+            self.register_buffer("zeros", portable.zeros)
+            self.register_buffer("qzeros", portable.qzeros)
+            self.on_cpu = True
+        else:
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
+            self.on_cpu = packed.device.type == "cpu"
         self.nbytes = self._tensor_bytes()
 
     @classmethod
@@ -201,12 +273,25 @@ class Int4Linear(_WeightOnlyLinear):
     def from_quantized(
         cls, qw: QuantizedWeight, bias: torch.Tensor | None, device: torch.device | None = None
     ) -> Int4Linear:
-        """Pack portable int4 weights for the kernel on `device`. Groups the kernel does not
-        take (per-channel GPTQ, 512, 1024) are served exactly by repeating each scale and
-        zero over the largest kernel group that divides them."""
+        """Onto the native kernels as stored where they run (CPU; groups of 32, 64, a
+        multiple of 128 or one per row), else packed for torch's kernel on `device`. Groups
+        torch's kernel does not take (per-channel GPTQ, 512, 1024) are served exactly by
+        repeating each scale and zero over the largest kernel group that divides them."""
         device = device or qw.data.device
         if qw.bits != 4:
             raise ValueError(f"{qw.describe()} weights need Int8Linear")
+        perm = None if qw.perm is None else qw.perm.to(device)
+        if native_backend(device):
+            from parrot_cli.kernels.native import q4_group_ok
+
+            if q4_group_ok(qw.group_size, qw.in_features):
+                portable = QuantizedWeight(
+                    4, qw.data.to(device), _kernel_floats(qw.scales, device),
+                    None if qw.zeros is None else _kernel_floats(qw.zeros, device),
+                    None if qw.qzeros is None else qw.qzeros.to(device),
+                )
+                return cls(None, None, qw.group_size, qw.in_features, qw.out_features, bias, perm,
+                           portable=portable)
         kernel_group = kernel_group_size(qw.group_size, qw.in_features)
         repeat = qw.group_size // kernel_group
         scales = qw.scales.to(device).float()
@@ -216,9 +301,15 @@ class Int4Linear(_WeightOnlyLinear):
             sz = sz.repeat_interleave(repeat, dim=1)
         # Unpacked on the target device, straight into the int32 codes the packers take.
         codes = replace(qw, data=qw.data.to(device)).codes(torch.int32)
-        perm = None if qw.perm is None else qw.perm.to(device)
         return cls(pack_int4(codes), sz.transpose(0, 1).contiguous(), kernel_group,
                    qw.in_features, qw.out_features, bias, perm)
+
+    def _native_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.qweight, self.scales, self.zeros, self.qzeros, self.perm
+
+    @staticmethod
+    def _describe(native, qweight, scales, zeros, qzeros, perm):
+        return native.int4_weight(qweight, scales, zeros, qzeros, None, perm)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_cpu:
@@ -228,8 +319,15 @@ class Int4Linear(_WeightOnlyLinear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int4, group_size={self.group_size}"
+            f"int4, group_size={self.group_size}, {self.backend}"
         )
+
+
+def _kernel_floats(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Scales and zeros as the native kernels read them: bf16 and fp32 as stored (no copy
+    on CPU), fp16 (an imported GPTQ) widened to fp32 exactly."""
+    t = t.to(device)
+    return t if t.dtype in (torch.bfloat16, torch.float32) else t.float()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -316,13 +414,13 @@ class QuantizedEmbedding(nn.Module):
         return rows.view(*idx.shape, self.embedding_dim)
 
     def tied_head(self) -> nn.Module:
-        """The output head of a tied model, on the embedding's own codes: int8 tables share
-        their tensors with the head (no second copy); int4 ones are packed for the kernel."""
-        if self.qw.bits == 8 and self.qw.groups == 1:
-            head = Int8Linear.from_quantized(self.qw, None)
+        """The output head of a tied model, on the embedding's own codes: per-channel int8
+        tables and (on the native kernels) int4 ones share their tensors with the head (no
+        second copy); others are packed for the kernel."""
+        head = (Int4Linear if self.qw.bits == 4 else Int8Linear).from_quantized(self.qw, None)
+        mine = {b.data_ptr() for b in self.buffers()}
+        if all(b.data_ptr() in mine for name, b in head.named_buffers() if name not in ("bias", "perm")):
             head.nbytes = 0  # the embedding counts these bytes
-        else:
-            head = (Int4Linear if self.qw.bits == 4 else Int8Linear).from_quantized(self.qw, None)
         head.tied_embedding = True
         return head
 
