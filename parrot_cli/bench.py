@@ -265,7 +265,8 @@ class _Parrot(_Engine):
             threads=config.threads,
         )
         self.precision = self.llm.precision
-        self.quantize = self.llm.settings.get("quantize")
+        stored = self.llm.stored_quantization  # a quantized checkpoint loads as it is stored
+        self.quantize = self.llm.settings.get("quantize") or (stored.mode if stored else None)
         self.weight_bytes = self.llm.weight_bytes()
         self.bytes_per_token = self.weight_bytes - _untied_embedding_bytes(
             self.llm.model.transformer.wte, self.llm.model.lm_head

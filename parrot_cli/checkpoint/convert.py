@@ -20,12 +20,15 @@ from parrot_cli.checkpoint.hf import (
     open_hf_weights,
     read_hf_config,
 )
+from parrot_cli.checkpoint.hf_gptq import GPTQTensorSource, read_gptq_config
 from parrot_cli.checkpoint.hub import TOKENIZER_FILES
 from parrot_cli.checkpoint.info import read_json, sha256_file
 from parrot_cli.checkpoint.store import CheckpointWriter, Progress
 from parrot_cli.config import Config, KnownModel, find_known
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
+from parrot_cli.quantize.format import QuantizedWeight
+from parrot_cli.quantize.qconfig import QuantizationConfig
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,8 +102,10 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None):
+    """Float tensors to `dtype`; quantized weights stay as they are."""
     for name, t in tensors:
-        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        cast = dtype is not None and not isinstance(t, QuantizedWeight) and t.is_floating_point()
+        yield name, (t.to(dtype) if cast else t)
 
 
 def _write(
@@ -111,13 +116,28 @@ def _write(
     files: dict[str, Any],
     provenance: dict[str, Any],
     progress: Progress | None,
+    quantization: QuantizationConfig | None = None,
 ) -> Path:
-    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data."""
+    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data.
+    A `QuantizedWeight` entry ("P.weight") is stored as P's quantized tensors and listed
+    in `quantization`'s modules, after its shape is checked against the config."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    shapes = _weight_shapes(config) if quantization is not None else {}
     with CheckpointWriter(target) as writer:
         done = 0
         for name, t in tensors:
-            writer.add_tensor(name, t)
+            if isinstance(t, QuantizedWeight):
+                module = name.removesuffix(".weight")
+                if shapes.get(name) != (t.out_features, t.in_features):
+                    raise CheckpointError(
+                        f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
+                        f"says {list(shapes.get(name, ()))}."
+                    )
+                for key, part in t.tensors(module + ".").items():
+                    writer.add_tensor(key, part)
+                quantization.modules[module] = {**t.meta(), "mode": quantization.mode}
+            else:
+                writer.add_tensor(name, t)
             done += 1
             if progress:
                 progress(done, total, name)
@@ -130,7 +150,15 @@ def _write(
                 writer.write_text(name, content)
             else:
                 writer.write_json(name, content)
-        return writer.commit(config, provenance)
+        return writer.commit(config, provenance, quantization=quantization)
+
+
+def _weight_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    from parrot_cli.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:
@@ -160,11 +188,16 @@ def _convert_hf(
     generation = _generation_config(src_dir, config)
     config.eos_token_id = generation["eos_token_id"]
     weights = open_hf_weights(src_dir)
+    gptq = read_gptq_config(src_dir, hf)
+    quantization = None
+    if gptq is not None:  # stays int4: decoded into parrot's layout, never dequantized
+        weights = GPTQTensorSource(weights, gptq)
+        quantization = QuantizationConfig("gptq.int4", "hf-gptq", {}, gptq.details())
     files: dict[str, Any] = {n: src_dir / n for n in TOKENIZER_FILES if (src_dir / n).is_file()}
     files["generation_config.json"] = generation
     provenance.update(
         {
-            "format": "huggingface",
+            "format": "huggingface-gptq" if gptq else "huggingface",
             "revision": _hf_revision(src_dir),
             "source_files": {
                 p.name: sha256_file(p)
@@ -174,7 +207,8 @@ def _convert_hf(
         }
     )
     tensors = _cast(convert_weights(config.family, hf, config, weights), dtype)
-    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)
+    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress,
+                  quantization)
 
 
 def _hf_revision(src_dir: Path) -> str | None:

@@ -17,7 +17,7 @@ import click
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import bench, chat, convert, download, generate, manage
+from parrot_cli.cli import bench, chat, convert, download, generate, manage, quantize
 from parrot_cli.cli.common import print_error
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ app.command("chat")(chat.chat)
 app.command("download")(download.download)
 app.command("list")(manage.list_checkpoints)
 app.command("rm")(manage.remove)
+app.add_typer(quantize.app, name="quantize")
 
 
 def _version(value: bool) -> None:
