@@ -59,11 +59,14 @@ def _rtn_same_grid(w: torch.Tensor, group: int, sym: bool) -> torch.Tensor:
 @pytest.mark.parametrize("group", [32, 128], ids=["g32", "per-channel"])
 def test_gptq_beats_round_to_nearest_on_its_objective(sym, act_order, group):
     w, h = _layer()
-    result = gptq_quantize(w, h, group_size=group, sym=sym, act_order=act_order)
+    rtn_weight = _rtn_same_grid(w, group, sym)
+    result = gptq_quantize(w, h.clone(), group_size=group, sym=sym, act_order=act_order, baseline=rtn_weight)
     qw = result.weight
-    rtn = relative_error(w, _rtn_same_grid(w, group, sym), h)
+    rtn = relative_error(w, rtn_weight, h)
     assert result.error < 0.8 * rtn, (result.error, rtn)
-    assert result.error == pytest.approx(relative_error(w, qw.dequantize(), h))
+    # Errors measured through the damped Cholesky factor equal tr(E H E^T) / tr(W H W^T).
+    assert result.error == pytest.approx(relative_error(w, qw.dequantize(), h), rel=1e-3)
+    assert result.baseline_error == pytest.approx(rtn, rel=1e-3)
     # The stored weight is exactly what the loop chose: codes and integer zeros in 0..15,
     # scales already bf16 (the kernel's dtype), w = s * (q - z).
     assert qw.scales.dtype == torch.bfloat16 and qw.qzeros.dtype == torch.uint8
@@ -85,8 +88,8 @@ def test_fused_matrices_quantize_as_their_parts_would():
     """[q; k; v] share one input, so one Hessian: quantizing the stack gives each part what
     quantizing it alone gives (why parrot runs GPTQ once per distinct input)."""
     w, h = _layer(n=96)
-    fused = gptq_quantize(w, h, group_size=32, sym=False, act_order=True).weight
-    parts = [gptq_quantize(w[rows], h, group_size=32, sym=False, act_order=True).weight
+    fused = gptq_quantize(w, h.clone(), group_size=32, sym=False, act_order=True).weight
+    parts = [gptq_quantize(w[rows], h.clone(), group_size=32, sym=False, act_order=True).weight
              for rows in (slice(0, 64), slice(64, 80), slice(80, 96))]
     torch.testing.assert_close(fused.dequantize(), torch.cat([p.dequantize() for p in parts]), atol=1e-6, rtol=0)
     assert all(torch.equal(p.perm, fused.perm) for p in parts)
@@ -95,8 +98,10 @@ def test_fused_matrices_quantize_as_their_parts_would():
 def test_dead_inputs_get_zero_weight_and_asym_zero_points_can_be_kept_off_zero():
     w, h = _layer()
     h[:, 5] = h[5, :] = 0  # input 5 never active in calibration
-    result = gptq_quantize(w, h, group_size=32, sym=False, min_zero=1)
+    result = gptq_quantize(w, h.clone(), group_size=32, sym=False, min_zero=1, baseline=w * 0.9)
     assert result.dead == 1
+    assert result.error == pytest.approx(relative_error(w, result.weight.dequantize(), h), rel=1e-3)
+    assert result.baseline_error == pytest.approx(relative_error(w, w * 0.9, h), rel=1e-3)
     deq = result.weight.dequantize()
     assert torch.equal(deq[:, 5], torch.zeros(96))
     assert int(result.weight.qzeros.min()) >= 1

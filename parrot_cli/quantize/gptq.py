@@ -74,6 +74,13 @@ class Hessian:
             raise QuantizationError("A layer saw no calibration tokens.")
         return self.matrix.mul_(2.0 / self.tokens)
 
+    def take(self) -> torch.Tensor:
+        """The finished matrix, handed over: this accumulator no longer holds it (GPTQ
+        consumes it in place, so only one reference may exist)."""
+        matrix = self.finish()
+        self.matrix = None
+        return matrix
+
     @property
     def nbytes(self) -> int:
         return self.matrix.numel() * 4
@@ -88,6 +95,7 @@ class GPTQResult:
     retries: int  # how many times damping had to be raised
     dead: int  # inputs never active in calibration
     error: float  # relative output error tr(E H E^T) / tr(W H W^T), E = W - dequant(Q)
+    baseline_error: float | None = None  # the same for the `baseline` approximation
 
 
 # Fractions of a group's range tried as its quantization range (the "MSE grid" of the
@@ -156,11 +164,18 @@ def gptq_quantize(
     damp: float = 0.01,
     min_zero: int = 0,
     block_size: int = BLOCK_SIZE,
+    baseline: torch.Tensor | None = None,
     on_retry=None,
 ) -> GPTQResult:
-    """Quantize `weight` [N, K] to 4 bits against `hessian` [K, K] (float32, undamped; not
-    modified). `group_size` must divide K (K itself: one group per output row). Runs on
-    the tensors' device. `on_retry(damp)` is called when damping has to be raised."""
+    """Quantize `weight` [N, K] to 4 bits against `hessian` [K, K] (float32, undamped).
+
+    The Hessian is *consumed*: it is modified in place and freed as soon as it is factored
+    (pass it as an expression, e.g. `acc.take()`, so no caller keeps it alive), which keeps
+    the peak at three K x K matrices (the largest: Llama-70B's down_proj, K = 28672, 3.3 GB
+    each). The reported errors are measured through its Cholesky factor instead. `baseline`
+    (another approximation of `weight`, e.g. RTN's) gets its error measured the same way.
+    `group_size` must divide K (K itself: one group per output row). Runs on the tensors'
+    device. `on_retry(damp)` is called when damping has to be raised."""
     n, k = weight.shape
     if group_size <= 0 or k % group_size:
         raise ValueError(f"group size {group_size} does not divide {k} inputs")
@@ -170,7 +185,8 @@ def gptq_quantize(
         # Work on W^T [K, N]: a column of W (one input) is then a contiguous row, and the
         # per-column rank-1 updates run on contiguous memory (4-10x faster on CPU).
         wt = weight.float().T.contiguous()
-        h = hessian.clone()
+        h = hessian
+        del hessian
         dead = torch.diag(h) == 0
         h[dead, dead] = 1
         wt[dead] = 0
@@ -181,8 +197,8 @@ def gptq_quantize(
                 perm = None  # already in order: store it plainly
             else:
                 wt, h = wt[perm], h[perm][:, perm]
-        u, used, retries = _inverse_factor(h, damp, on_retry)
-        del h
+        lower, u, used, added, retries = _inverse_factor(h, damp, on_retry)
+        del h  # (H + added * I) = lower @ lower^T from here on
 
         codes = torch.empty(k, n, dtype=torch.uint8, device=device)  # transposed, as wt
         scales = torch.empty(groups, n, dtype=torch.float32, device=device)
@@ -215,38 +231,68 @@ def gptq_quantize(
                 wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)  # the lazy batch update
         del u, wt
         codes, scales, zeros = codes.T, scales.T, zeros.T  # [N, K], [N, G]
+        _check_range(codes, zeros)  # before packing: a wrapped nibble would go unnoticed
+        qw = QuantizedWeight(
+            4,
+            pack_nibbles(codes.contiguous()),
+            scales.to(SCALE_DTYPE).contiguous(),
+            qzeros=zeros.to(torch.uint8).contiguous(),
+            perm=None if perm is None else perm.to(torch.int64),
+        )
+        measure = _ErrorMeter(weight, lower, added, dead, perm)
+        error = measure(qw.dequantize())
+        baseline_error = None if baseline is None else measure(baseline)
+        del lower
+    return GPTQResult(qw, used, retries, int(dead.sum()), error, baseline_error)
 
-    _check_range(codes, zeros)
-    qw = QuantizedWeight(
-        4,
-        pack_nibbles(codes.contiguous()),
-        scales.to(SCALE_DTYPE).contiguous(),
-        qzeros=zeros.to(torch.uint8).contiguous(),
-        perm=None if perm is None else perm.to(torch.int64),
-    )
-    error = relative_error(weight, qw.dequantize(), hessian)
-    return GPTQResult(qw, used, retries, int(dead.sum()), error)
+
+class _ErrorMeter:
+    """tr(E H E^T) / tr(W H W^T) for approximations of W, from the Cholesky factor L of the
+    damped, reordered Hessian: tr(E H E^T) = ||E L||^2 - added * ||E||^2. Inputs never
+    active in calibration (dead) contribute nothing, as their rows of H are zero."""
+
+    def __init__(self, weight: torch.Tensor, lower: torch.Tensor, added: float,
+                 dead: torch.Tensor, perm: torch.Tensor | None) -> None:
+        self.lower, self.added, self.dead, self.perm = lower, added, dead, perm
+        self.weight = self._arrange(weight.float())
+        self.denominator = self._quadratic(self.weight)
+
+    def _arrange(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.clone()
+        w[:, self.dead] = 0
+        return w if self.perm is None else w[:, self.perm]
+
+    def _quadratic(self, e: torch.Tensor) -> float:
+        return float((e @ self.lower).double().pow(2).sum() - self.added * e.double().pow(2).sum())
+
+    def __call__(self, approx: torch.Tensor) -> float:
+        if self.denominator <= 0:
+            return 0.0
+        error = self.weight - self._arrange(approx.to(self.weight.device).float())
+        return max(self._quadratic(error), 0.0) / self.denominator
 
 
-def _inverse_factor(h: torch.Tensor, damp: float, on_retry) -> tuple[torch.Tensor, float, int]:
-    """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, raising the damping
-    (doubling it) while the factorisation fails."""
+def _inverse_factor(h: torch.Tensor, damp: float, on_retry):
+    """(L, U, relative damping, absolute damping added, retries): H + added * I = L L^T and
+    U the upper Cholesky factor of its inverse, with added = damp * mean(diag H). The
+    damping is doubled while the factorisation fails; H is damped in place."""
     if not 0 < damp < MAX_DAMP:
         raise ValueError(f"damping {damp} is outside (0, {MAX_DAMP})")
-    mean = float(torch.diag(h).mean())
-    eye = torch.arange(h.size(0), device=h.device)
-    current, retries = damp, 0
+    diagonal = h.diagonal()
+    mean = float(diagonal.mean())
+    current, retries, added = damp, 0, 0.0
     while True:
-        damped = h.clone()
-        damped[eye, eye] += current * mean
-        factor, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        diagonal.add_(current * mean - added)
+        added = current * mean
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
+            inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, current, retries
+                return lower, upper, current, added, retries
+            del upper
+        del lower
         if current >= MAX_DAMP:
             raise QuantizationError(
                 f"The calibration Hessian stays singular even with damping {current:g}; "

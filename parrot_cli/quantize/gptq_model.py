@@ -32,7 +32,7 @@ from parrot_cli.config import Config
 from parrot_cli.errors import CheckpointError, UsageError
 from parrot_cli.quantize import linear_inputs, linear_outputs
 from parrot_cli.quantize.format import QuantizedWeight
-from parrot_cli.quantize.gptq import Hessian, gptq_quantize, relative_error
+from parrot_cli.quantize.gptq import Hessian, gptq_quantize
 from parrot_cli.quantize.weight_only import KERNEL_GROUP_SIZES, quantize_int4
 
 # In the order the data flows through a block (each is calibrated after those before it).
@@ -204,7 +204,6 @@ def gptq_blocks(
                 layer = prefix + name
                 qw, layer_report = _quantize_linear(layer, linear, hessian, settings, notify)
                 report.layers.append(layer_report)
-                del hessian
                 # Later Linears and the next blocks are calibrated on the quantized weights.
                 linear.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
                 yield layer + ".weight", _on_cpu(qw)
@@ -246,7 +245,7 @@ class _Stop(Exception):
     is not needed for this Hessian."""
 
 
-def _collect_hessian(block: nn.Module, linear: nn.Linear, batches: list[slice], forward) -> torch.Tensor:
+def _collect_hessian(block: nn.Module, linear: nn.Linear, batches: list[slice], forward) -> Hessian:
     hessian = Hessian(linear.in_features, linear.weight.device)
 
     def hook(_module: nn.Module, args: tuple) -> None:
@@ -262,11 +261,11 @@ def _collect_hessian(block: nn.Module, linear: nn.Linear, batches: list[slice], 
                 pass
     finally:
         handle.remove()
-    return hessian.finish()
+    return hessian
 
 
 def _quantize_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor, settings: GPTQSettings, notify: Notify | None
+    name: str, linear: nn.Linear, hessian: Hessian, settings: GPTQSettings, notify: Notify | None
 ) -> tuple[QuantizedWeight, LayerReport]:
     start = time.perf_counter()
     weight = linear.weight
@@ -276,10 +275,11 @@ def _quantize_linear(
         if notify:
             notify(f"{name}: the Hessian is not positive definite; retrying with damping {damp:g}.")
 
-    result = gptq_quantize(weight, hessian, group_size=group, sym=settings.sym, act_order=settings.act_order,
-                           damp=settings.damp, min_zero=settings.min_zero, on_retry=retried)
-    rtn = relative_error(weight, quantize_int4(weight, group).dequantize(), hessian)
-    layer = LayerReport(name, result.error, rtn, result.damp, result.retries, result.dead,
+    rtn = quantize_int4(weight, group).dequantize()  # what --quantize int4 would give, for the summary
+    result = gptq_quantize(weight, hessian.take(), group_size=group, sym=settings.sym,
+                           act_order=settings.act_order, damp=settings.damp, min_zero=settings.min_zero,
+                           baseline=rtn, on_retry=retried)
+    layer = LayerReport(name, result.error, result.baseline_error, result.damp, result.retries, result.dead,
                         time.perf_counter() - start)
     return result.weight, layer
 
