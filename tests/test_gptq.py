@@ -333,3 +333,25 @@ def test_cli_writes_a_hugging_face_directory_from_a_jsonl_file(tiny, tmp_path):
     qc = json.loads((target / "quantize_config.json").read_text())
     assert qc["sym"] is True and qc["group_size"] == 32 and qc["meta"]["calibration"]["samples"] == 25
     assert (target / "tokenizer.json").is_file() and not (target / "parrot_config.json").exists()
+
+
+def test_an_interrupt_leaves_no_half_checkpoint(tiny, tmp_path):
+    """Ctrl-C (or a kill: the CLI turns SIGTERM into the same KeyboardInterrupt) in the
+    middle of a run: neither the target nor its .partial directory remains."""
+    from parrot_cli.quantize.gptq_checkpoint import quantize_gptq
+    from parrot_cli.quantize.gptq_model import GPTQSettings
+
+    llama = tiny["llama-gqa-tied"]
+    seen = []
+
+    def progress(done: float, total: int, what: str) -> None:
+        seen.append(done)
+        if done >= 1:  # the first block is written: interrupt inside the second
+            raise KeyboardInterrupt
+
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_gptq(llama["float"], output=target, settings=GPTQSettings(group_size=32), samples=4,
+                      seq_len=16, device="cpu", precision="32-true", progress=progress)
+    assert seen and max(seen) >= 1
+    assert list(tmp_path.iterdir()) == []
