@@ -265,7 +265,8 @@ class _Parrot(_Engine):
             threads=config.threads,
         )
         self.precision = self.llm.precision
-        self.quantize = self.llm.settings.get("quantize")
+        stored = self.llm.stored_quantization  # a quantized checkpoint loads as it is stored
+        self.quantize = self.llm.settings.get("quantize") or (stored.mode if stored else None)
         from parrot_cli.kernels.decode import attached
 
         self.weight_bytes = self.llm.weight_bytes()

@@ -20,6 +20,7 @@ from parrot_cli.checkpoint.hf import (
     open_hf_weights,
     read_hf_config,
 )
+from parrot_cli.checkpoint.hf_gptq import GPTQTensorSource, read_gptq_config
 from parrot_cli.checkpoint.hub import TOKENIZER_FILES
 from parrot_cli.checkpoint.info import read_json, sha256_file
 from parrot_cli.checkpoint.store import CheckpointWriter, Progress
@@ -101,8 +102,10 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _cast(tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype | None):
+    """Float tensors to `dtype`; quantized weights stay as they are."""
     for name, t in tensors:
-        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        cast = dtype is not None and not isinstance(t, QuantizedWeight) and t.is_floating_point()
+        yield name, (t.to(dtype) if cast else t)
 
 
 def _write(
@@ -113,19 +116,31 @@ def _write(
     files: dict[str, Any],
     provenance: dict[str, Any],
     progress: Progress | None,
-    quantization: Callable[[], QuantizationConfig | None] | None = None,
+    quantization: QuantizationConfig | Callable[[], QuantizationConfig | None] | None = None,
 ) -> Path:
     """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data.
-    A QuantizedWeight named `P.weight` is stored as module P's quantized tensors, and
-    `quantization` (asked once every tensor is written) says what the checkpoint holds."""
+    A `QuantizedWeight` entry ("P.weight") is stored as P's quantized tensors, after its
+    shape is checked against the config. `quantization` says what the checkpoint holds: a
+    QuantizationConfig, or a callable asked once every tensor is written (a GGUF import
+    knows what each tensor became only then); a config with no modules listed gets those
+    written here."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    shapes = _weight_shapes(config) if quantization is not None else {}
+    stored: dict[str, dict[str, Any]] = {}
     # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
     with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
         done = 0
         for name, t in tensors:
             if isinstance(t, QuantizedWeight):
-                for key, value in t.tensors(name.removesuffix("weight")).items():
-                    writer.add_tensor(key, value)
+                module = name.removesuffix(".weight")
+                if shapes.get(name) != (t.out_features, t.in_features):
+                    raise CheckpointError(
+                        f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
+                        f"says {list(shapes.get(name, ()))}."
+                    )
+                for key, part in t.tensors(module + ".").items():
+                    writer.add_tensor(key, part)
+                stored[module] = t.meta()
             else:
                 writer.add_tensor(name, t)
             done += 1
@@ -140,7 +155,18 @@ def _write(
                 writer.write_text(name, content)
             else:
                 writer.write_json(name, content)
-        return writer.commit(config, provenance, quantization() if quantization else None)
+        qconfig = quantization() if callable(quantization) else quantization
+        if qconfig is not None and not qconfig.modules:
+            qconfig.modules.update({m: {**meta, "mode": qconfig.mode} for m, meta in stored.items()})
+        return writer.commit(config, provenance, qconfig)
+
+
+def _weight_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    from parrot_cli.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:
@@ -170,11 +196,16 @@ def _convert_hf(
     generation = _generation_config(src_dir, config)
     config.eos_token_id = generation["eos_token_id"]
     weights = open_hf_weights(src_dir)
+    gptq = read_gptq_config(src_dir, hf)
+    quantization = None
+    if gptq is not None:  # stays int4: decoded into parrot's layout, never dequantized
+        weights = GPTQTensorSource(weights, gptq)
+        quantization = QuantizationConfig("gptq.int4", "hf-gptq", {}, gptq.details())
     files: dict[str, Any] = {n: src_dir / n for n in TOKENIZER_FILES if (src_dir / n).is_file()}
     files["generation_config.json"] = generation
     provenance.update(
         {
-            "format": "huggingface",
+            "format": "huggingface-gptq" if gptq else "huggingface",
             "revision": _hf_revision(src_dir),
             "source_files": {
                 p.name: sha256_file(p)
@@ -184,7 +215,8 @@ def _convert_hf(
         }
     )
     tensors = _cast(convert_weights(config.family, hf, config, weights), dtype)
-    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)
+    return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress,
+                  quantization)
 
 
 def _hf_revision(src_dir: Path) -> str | None:

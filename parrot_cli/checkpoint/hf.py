@@ -9,6 +9,10 @@ Fused attention weights differ per family; each is re-laid out to parrot's [q; k
   GPT-NeoX, Falcon (classic MHA): per head [q, k, v] interleaved
   Falcon multi-query:             [q heads..., k, v]
   Falcon new decoder arch:        per kv group [q x (heads/groups), k, v]
+
+A Linear's weight may also come as a `QuantizedWeight` (a GPTQ import, `hf_gptq.py`): the
+same mappers fuse its parts (`_cat`) and re-lay out its rows (`_relayout`), which moves
+each output row's codes, scales and zero points together, so it stays quantized.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from parrot_cli.config import Config
 from parrot_cli.errors import CheckpointError
+from parrot_cli.quantize.format import QuantizedWeight
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -101,14 +106,6 @@ def convert_weights(
     yield from _MAPPERS[family](hf, config, src)
 
 
-def cat_rows(parts: tuple[Any, ...]) -> Any:
-    """Stack weights by rows: float tensors with torch.cat, weights still in another
-    layout (a GGUF import's raw blocks) through their own `cat_rows`."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts)
-    return type(parts[0]).cat_rows(parts)
-
-
 def _get_linear(src: TensorSource, prefix: str, bias: bool) -> Iterator[tuple[str, torch.Tensor]]:
     yield "weight", src.get(prefix + ".weight")
     if bias:
@@ -119,6 +116,31 @@ def _norm(src: TensorSource, hf_prefix: str, out_prefix: str, config: Config):
     yield f"{out_prefix}.weight", src.get(hf_prefix + ".weight")
     if config.norm_class == "LayerNorm":
         yield f"{out_prefix}.bias", src.get(hf_prefix + ".bias")
+
+
+def _cat(parts: list, what: str) -> Any:
+    """[q; k; v] or [gate; up] from separate modules, stacked by rows: float tensors with
+    torch.cat; quantized ones (which must agree on group size and act-order permutation to
+    run as one matrix) and weights still in another layout (a GGUF import's raw blocks)
+    through their own `cat_rows`."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    kind = type(parts[0])
+    if not all(type(p) is kind for p in parts):
+        raise CheckpointError(f"{what}: some of its parts are quantized and some are not; parrot fuses them.")
+    try:
+        return kind.cat_rows(parts)
+    except ValueError as err:
+        raise CheckpointError(
+            f"{what}: its parts cannot run fused ({err}); with act-order they need the same g_idx."
+        ) from None
+
+
+def _relayout(t, relayout, config: Config):
+    """Apply a row re-layout to a float tensor or to a QuantizedWeight (by index)."""
+    if isinstance(t, QuantizedWeight):
+        return t.select_rows(relayout(torch.arange(t.out_features), config))
+    return relayout(t, config)
 
 
 def _head(src: TensorSource, config: Config, hf_name: str):
@@ -134,20 +156,21 @@ def _llama(hf: dict[str, Any], config: Config, src: TensorSource):
         yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
         a = f"{p}.self_attn"
         for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            q, k, v = (src.get(f"{a}.{n}_proj.{kind}") for n in "qkv")
-            yield f"{o}.attn.qkv.{kind}", cat_rows((q, k, v))
+            parts = [src.get(f"{a}.{n}_proj.{kind}") for n in "qkv"]
+            yield f"{o}.attn.qkv.{kind}", _cat(parts, f"{a} q/k/v_proj")
         for kind, t in _get_linear(src, f"{a}.o_proj", config.proj_bias):
             yield f"{o}.attn.proj.{kind}", t
         m = f"{p}.mlp"
         for kind in ("weight", "bias") if config.mlp_bias else ("weight",):
-            yield f"{o}.mlp.fc.{kind}", cat_rows((src.get(f"{m}.gate_proj.{kind}"), src.get(f"{m}.up_proj.{kind}")))
+            parts = [src.get(f"{m}.gate_proj.{kind}"), src.get(f"{m}.up_proj.{kind}")]
+            yield f"{o}.mlp.fc.{kind}", _cat(parts, f"{m} gate/up_proj")
         for kind, t in _get_linear(src, f"{m}.down_proj", config.mlp_bias):
             yield f"{o}.mlp.proj.{kind}", t
     yield from _norm(src, "model.norm", "transformer.ln_f", config)
     yield from _head(src, config, "lm_head.weight")
 
 
-def _split_interleaved(t: torch.Tensor, config: Config) -> torch.Tensor:
+def split_interleaved(t: torch.Tensor, config: Config) -> torch.Tensor:
     """Per head [q, k, v] (NeoX, classic Falcon) -> [q_all; k_all; v_all]."""
     hs, n = config.head_size, config.n_head
     rest = t.shape[1:]
@@ -155,7 +178,7 @@ def _split_interleaved(t: torch.Tensor, config: Config) -> torch.Tensor:
     return t.reshape(3 * n * hs, *rest)
 
 
-def _split_grouped(t: torch.Tensor, config: Config) -> torch.Tensor:
+def split_grouped(t: torch.Tensor, config: Config) -> torch.Tensor:
     """Per kv group [q x per_group, k, v] (Falcon new arch and multi-query with 1 group)."""
     hs, g = config.head_size, config.n_query_groups
     per = config.n_head // g
@@ -174,7 +197,7 @@ def _neox(hf: dict[str, Any], config: Config, src: TensorSource):
         yield from _norm(src, f"{p}.input_layernorm", f"{o}.norm_1", config)
         yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
         for kind, t in _get_linear(src, f"{p}.attention.query_key_value", config.qkv_bias):
-            yield f"{o}.attn.qkv.{kind}", _split_interleaved(t, config)
+            yield f"{o}.attn.qkv.{kind}", _relayout(t, split_interleaved, config)
         for kind, t in _get_linear(src, f"{p}.attention.dense", config.proj_bias):
             yield f"{o}.attn.proj.{kind}", t
         for kind, t in _get_linear(src, f"{p}.mlp.dense_h_to_4h", config.mlp_bias):
@@ -182,13 +205,14 @@ def _neox(hf: dict[str, Any], config: Config, src: TensorSource):
         for kind, t in _get_linear(src, f"{p}.mlp.dense_4h_to_h", config.mlp_bias):
             yield f"{o}.mlp.proj.{kind}", t
     yield from _norm(src, "gpt_neox.final_layer_norm", "transformer.ln_f", config)
-    yield from _head(src, config, "embed_out.weight")
+    # transformers calls NeoX's head embed_out; some GPTQ tools save it as lm_head.
+    yield from _head(src, config, "lm_head.weight" if "lm_head.weight" in src else "embed_out.weight")
 
 
 def _falcon(hf: dict[str, Any], config: Config, src: TensorSource):
     new_arch = bool(hf.get("new_decoder_architecture")) or hf.get("model_type") == "RefinedWeb"
     multi_query = config.n_query_groups == 1 and not new_arch
-    relayout = _split_grouped if (new_arch or multi_query) else _split_interleaved
+    relayout = split_grouped if (new_arch or multi_query) else split_interleaved
     yield "transformer.wte.weight", src.get("transformer.word_embeddings.weight")
     for i in range(config.n_layer):
         p, o = f"transformer.h.{i}", f"transformer.h.{i}"
@@ -201,7 +225,7 @@ def _falcon(hf: dict[str, Any], config: Config, src: TensorSource):
                 yield from _norm(src, f"{p}.post_attention_layernorm", f"{o}.norm_2", config)
         a = f"{p}.self_attention"
         for kind, t in _get_linear(src, f"{a}.query_key_value", config.qkv_bias):
-            yield f"{o}.attn.qkv.{kind}", relayout(t, config)
+            yield f"{o}.attn.qkv.{kind}", _relayout(t, relayout, config)
         for kind, t in _get_linear(src, f"{a}.dense", config.proj_bias):
             yield f"{o}.attn.proj.{kind}", t
         for kind, t in _get_linear(src, f"{p}.mlp.dense_h_to_4h", config.mlp_bias):

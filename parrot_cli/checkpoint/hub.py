@@ -39,8 +39,9 @@ from parrot_cli.paths import cache_dir
 
 # The tokenizer files a conversion copies into the checkpoint (convert.py uses this list).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-# Everything besides the weights that a transformers checkpoint needs to be converted.
-MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+# Everything besides the weights that a transformers checkpoint needs to be converted
+# (GPTQ repos may keep their settings in quantize_config.json instead of config.json).
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "quantize_config.json")
 # http_get reads the body in chunks of this size and writes (and reports progress) only
 # whole chunks: huggingface_hub's 10 MiB default would lose up to 10 MiB on a kill and update
 # the progress bar every 10 MiB; 1 MiB keeps both fine-grained at no measurable cost.

@@ -252,24 +252,9 @@ class CheckpointWriter:
     ) -> Path:
         """Finish the weights, record checksums in parrot_config.json, swap into place. A
         quantized checkpoint's `quantization` goes to quantization_config.json."""
-        if self._shard is None and not self._shards:
-            self._shard = _ShardFile(self.partial / "model-00001.safetensors", self.header_reserve)
-        if self._shard is not None:
-            self._close_shard()
         if quantization is not None:
             self.write_json(QUANT_CONFIG_FILE, quantization.to_dict())
-        if len(self._shards) == 1:
-            (self.partial / self._shards[0][0]).rename(self.partial / WEIGHTS_FILE)
-        else:
-            n = len(self._shards)
-            weight_map = {}
-            for i, (old, names) in enumerate(self._shards, 1):
-                new = f"model-{i:05d}-of-{n:05d}.safetensors"
-                (self.partial / old).rename(self.partial / new)
-                weight_map.update(dict.fromkeys(names, new))
-            self.write_json(
-                INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            )
+        self._finish_weights()
         checksums = {
             p.name: sha256_file(p) for p in sorted(self.partial.iterdir()) if p.name != CONFIG_FILE
         }
@@ -284,6 +269,33 @@ class CheckpointWriter:
             },
         )
         return self._swap()
+
+    def commit_files(self) -> Path:
+        """Finish the weights and swap into place without parrot's own config: for a
+        directory in another format (a Hugging Face export) written with the same
+        all-or-nothing rule."""
+        self._finish_weights()
+        return self._swap()
+
+    def _finish_weights(self) -> None:
+        """Write the last shard; name the shards (one: model.safetensors; several: the
+        HF-style model-0000i-of-0000n files and their index)."""
+        if self._shard is None and not self._shards:
+            self._shard = _ShardFile(self.partial / "model-00001.safetensors", self.header_reserve)
+        if self._shard is not None:
+            self._close_shard()
+        if len(self._shards) == 1:
+            (self.partial / self._shards[0][0]).rename(self.partial / WEIGHTS_FILE)
+        else:
+            n = len(self._shards)
+            weight_map = {}
+            for i, (old, names) in enumerate(self._shards, 1):
+                new = f"model-{i:05d}-of-{n:05d}.safetensors"
+                (self.partial / old).rename(self.partial / new)
+                weight_map.update(dict.fromkeys(names, new))
+            self.write_json(
+                INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
 
     def _swap(self) -> Path:
         old = None

@@ -11,6 +11,9 @@ working precision. Modes, by family:
 - weight-only (`quantize/weight_only.py`): `int8` (per output channel) and `int4` (groups of
   `--group-size` along the input), on torch's own packed-weight kernels, which exist to
   decode faster than dense bf16.
+- `gptq.int4`: a checkpoint's own mode, never applied at load: GPTQ weights are made by
+  `parrot quantize gptq` (`quantize/gptq*.py`) or imported from a Hugging Face GPTQ repo,
+  and run on the same int4 kernels.
 
 This module imports no torch (the settings help and the CLI read the mode table).
 """
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    family: str  # "bnb" | "weight_only": the module in this package that implements it
+    family: str  # "bnb" | "weight_only" | "gptq": the module in this package that implements it
     bits: int
     summary: str
     devices: tuple[str, ...] = ("cpu", "cuda")
@@ -48,6 +51,7 @@ MODES: dict[str, Mode] = {
         Mode("bnb.fp4-dq", "bnb", 4, "bnb.fp4 with its scales quantized too"),
         Mode("int8", "weight_only", 8, "int8 weights, one scale per output channel (torch kernel)"),
         Mode("int4", "weight_only", 4, "int4 weights, scale and zero per group (torch kernel)"),
+        Mode("gptq.int4", "gptq", 4, "GPTQ int4 weights: a checkpoint made by `parrot quantize gptq` or imported"),
     ]
 }
 ALIASES = {"bnb.int8": "llm.int8"}
@@ -164,6 +168,11 @@ def plan(
         if group_size is not None and group_size_from_user:
             raise UsageError("--group-size applies to --quantize int4 only.")
         return None
+    if mode.family == "gptq":
+        raise UsageError(
+            f"--quantize {mode.name} loads a GPTQ checkpoint, and this one holds float weights; "
+            "make one with `parrot quantize gptq` (or convert a Hugging Face GPTQ repo), or use --quantize int4."
+        )
     if device.type not in mode.devices:
         raise UsageError(
             f"--quantize {mode.name} runs on {' or '.join(d.upper() for d in mode.devices)}, "
@@ -233,6 +242,10 @@ def _plan_on_quantized(
         )
     if group_size is not None and group_size_from_user:
         raise UsageError("--group-size applies when quantizing a float checkpoint, not to an already quantized one.")
+    if device.type == "cuda" and any(m.get("bits") == 4 for m in stored.modules.values()):
+        from parrot_cli.quantize.weight_only import require_int4_cuda
+
+        require_int4_cuda(device)
     if mode is None or not quantize_head or mode.family != "weight_only":
         return None
     # The float head of an int4/int8 checkpoint can still be quantized at load.
