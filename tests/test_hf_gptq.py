@@ -197,19 +197,28 @@ def test_export_and_import_are_inverse_and_match_the_published_formula(act_order
 
 
 def test_act_order_layers_run_on_the_kernel_with_the_input_permutation():
-    """An act-order weight is served by gathering x[..., perm] into the int4 kernel: the
-    output is x @ dequant(W)^T, and nothing is dequantized per call."""
+    """An act-order weight is served by gathering x[..., perm] into the int4 kernel (parrot's
+    native one reading the stored codes, and torch's packed one): the output is
+    x @ dequant(W)^T, and nothing is dequantized per call."""
+    import contextlib
+
+    from parrot_cli.kernels import native
     from parrot_cli.quantize.weight_only import Int4Linear
 
     qw = _random_qw(64, 128, 32, act_order=True, seed=3)
-    layer = Int4Linear.from_quantized(qw, None)
-    assert layer.perm is not None and layer.packed.dtype == torch.uint8
     x = torch.randn(3, 128)
     expected = x.to(torch.bfloat16).float() @ qw.dequantize().T
-    torch.testing.assert_close(layer(x), expected, atol=0.05, rtol=0.02)
-    # Without the permutation the same codes compute something else.
-    plain = Int4Linear.from_quantized(QuantizedWeight(4, qw.data, qw.scales, qzeros=qw.qzeros), None)
-    assert (plain(x) - expected).abs().max() > 0.1
+    backends = ("native", "torch") if native.library() is not None else ("torch",)
+    for backend in backends:
+        with contextlib.nullcontext() if backend == "native" else native.turned_off():
+            layer = Int4Linear.from_quantized(qw, None)
+            plain = Int4Linear.from_quantized(QuantizedWeight(4, qw.data, qw.scales, qzeros=qw.qzeros), None)
+        assert layer.backend == backend and layer.perm is not None
+        if backend == "torch":
+            assert layer.packed.dtype == torch.uint8  # packed once, at load
+        torch.testing.assert_close(layer(x), expected, atol=0.05, rtol=0.02)
+        # Without the permutation the same codes compute something else.
+        assert (plain(x) - expected).abs().max() > 0.1, backend
 
 
 # --------------------------------------------------------------------------- imports
