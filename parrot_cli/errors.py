@@ -41,3 +41,7 @@ class OutOfMemoryError(ParrotError):
 
 class NotSupportedError(ParrotError):
     """A feature parrot does not implement yet (e.g. multi-device strategies)."""
+
+
+class DistributedError(ParrotError):
+    """A rank of a multi-device world failed, died or stopped answering; the others stop."""

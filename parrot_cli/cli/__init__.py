@@ -17,7 +17,7 @@ import click
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import bench, chat, convert, download, generate, manage
+from parrot_cli.cli import bench, chat, convert, download, estimate, generate, manage
 from parrot_cli.cli.common import print_error
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 app.command("chat")(chat.chat)
 app.command("download")(download.download)
+app.command("estimate")(estimate.estimate)
 app.command("list")(manage.list_checkpoints)
 app.command("rm")(manage.remove)
 
