@@ -208,6 +208,7 @@ class LLM:
         self.layout: Layout | None = None
         self.ranks: Ranks | None = None
         self.notes: list[str] = []  # what loading wants the user told once (the CLI prints them)
+        self._generation: Iterator[int] | None = None  # the token loop in progress, if any
 
     # ------------------------------------------------------------------ loading
 
@@ -367,8 +368,12 @@ class LLM:
         self.close()
 
     def _everywhere(self, method: str, *args: Any) -> Any:
-        """Run LLM.`method`(*args) on every rank: rank 0 tells the others, then runs it too."""
+        """Run LLM.`method`(*args) on every rank: rank 0 tells the others, then runs it too.
+        A generation left unfinished (a stream never read to its end) is closed first: the
+        other ranks wait inside it, and must hear that it ended before the next command."""
         if self.ranks is not None and self.ranks.leader:
+            if self._generation is not None:
+                self._generation.close()
             self.ranks.call(method, *args)
         return getattr(self, method)(*args)
 
@@ -635,7 +640,13 @@ class LLM:
         spec = {"ids": list(ids), "max_new_tokens": max_new_tokens, "params": params,
                 "eos_ids": list(eos_ids), "seed": seed, "start_pos": start_pos,
                 "history": list(history or [])}
-        yield from self._everywhere("_tokens_here", spec)
+        tokens = self._everywhere("_tokens_here", spec)
+        self._generation = tokens
+        try:
+            yield from tokens
+        finally:
+            if self._generation is tokens:
+                self._generation = None
 
     def _tokens_here(self, spec: dict[str, Any]) -> Iterator[int]:
         generator = None

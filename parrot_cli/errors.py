@@ -40,7 +40,7 @@ class OutOfMemoryError(ParrotError):
 
 
 class NotSupportedError(ParrotError):
-    """A feature parrot does not implement yet (e.g. multi-device strategies)."""
+    """A feature parrot does not implement yet."""
 
 
 class DistributedError(ParrotError):

@@ -37,8 +37,8 @@ from parrot_cli.distributed.layout import Layout, layer_split, plan_layout, tens
 from parrot_cli.errors import UsageError
 
 # The runtime before any weight: parrot's peak RSS with torch, tokenizers and the CLI
-# imported and no model (measured here with SmolLM2's tokenizer: see benchmarks/multidevice.md).
-CPU_RUNTIME_BYTES = 330_000_000
+# imported and no model (307 MB measured with SmolLM2's tokenizer: benchmarks/multidevice.md).
+CPU_RUNTIME_BYTES = 310_000_000
 # CUDA context and the caching allocator's slack: an allowance, not a measurement (the
 # context alone is 300-500 MB on recent drivers and does not show in max_memory_allocated).
 CUDA_RUNTIME_BYTES = 500_000_000
@@ -114,10 +114,12 @@ def module_bytes(
     float_bytes: int,
     storage_of: dict[str, Storage],
     block_config: Config | None = None,
+    packed_head: bool = False,
 ) -> Modules:
     """Per part of the model, the bytes its modules hold. `storage_of` maps a module kind
     ("attn.qkv", "mlp.proj", "lm_head", "transformer.wte" ...) to how it is stored;
-    `block_config` is the config one tensor-parallel rank builds its blocks from."""
+    `block_config` is the config one tensor-parallel rank builds its blocks from;
+    `packed_head`: the CPU's oneDNN-packed head is a copy even of a tied embedding."""
     c = block_config or config
     hs, e = c.head_size, c.n_embd
     q, k, v = c.qkv_sizes
@@ -140,9 +142,8 @@ def module_bytes(
     head_storage = storage_of.get("lm_head")
     if config.tie_embeddings and head_storage is None:
         tied_int8 = embedding_storage.mode == "int8" and not embedding_storage.group_size
-        head = 0 if embedding_storage.mode is None or tied_int8 else linear_bytes(
-            vocab, e, embedding_storage, float_bytes, False
-        )
+        shared = (embedding_storage.mode is None and not packed_head) or tied_int8
+        head = 0 if shared else linear_bytes(vocab, e, embedding_storage, float_bytes, False)
     else:
         head = linear_bytes(vocab, e, head_storage or FLOAT, float_bytes, False)
     return Modules(embedding, head, norm_bytes(config, float_bytes), [block] * config.n_layer)
@@ -159,6 +160,7 @@ class DeviceMemory:
     overhead: int
     host: int = 0  # host memory besides (fsdp --cpu-offload: the shards)
     layers: str = ""
+    gathered: int = 0  # fsdp: of `weights`, what a forward holds all-gathered (not the shard)
 
     @property
     def total(self) -> int:
@@ -263,8 +265,11 @@ def estimate(
     notes: list[str] = []
     if stored and len({(m.get("bits"), m.get("group_size")) for m in stored.values()}) > 2:
         notes.append("The checkpoint mixes quantization types; each kind of layer is counted as its first block's.")
-    ranks = _per_rank(config, layout, storage, fb, kv_bytes, length, prompt, overhead, notes)
-    quant = quantize or stored_mode or "none"
+    packs = device_type == "cpu" and layout_strategy(layout) != "fsdp" and (
+        precision == "32-true" or (precision == "bf16-true" and _native_bf16())
+    )
+    ranks = _per_rank(config, layout, storage, fb, kv_bytes, length, prompt, overhead, notes, packs)
+    quant = quantize or stored_mode or "float"
     if group_size and quant in ("int4", "gptq.int4"):
         quant += f" g{group_size}"
     return Estimate(
@@ -281,6 +286,16 @@ def estimate(
         ranks=ranks,
         notes=notes + list(layout.notes if layout else ()),
     )
+
+
+def layout_strategy(layout: Layout | None) -> str:
+    return layout.strategy if layout else "none"
+
+
+def _native_bf16() -> bool:
+    from parrot_cli.machine import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def _activations(config: Config, block: Config, prompt: int, fb: int, with_head: bool) -> int:
@@ -308,15 +323,16 @@ def _per_rank(
     prompt: int,
     overhead: int,
     notes: list[str],
+    packs: bool = False,
 ) -> list[DeviceMemory]:
-    full = module_bytes(config, fb, storage)
+    full = module_bytes(config, fb, storage, packed_head=packs)
     if layout is None:
         return [DeviceMemory(0, full.total, _kv(config, config.n_layer, length, kv_bytes),
                              _activations(config, config, prompt, fb, True), overhead)]
     n = layout.world_size
     if layout.strategy == "tp":
         block = tensor_split(config, n).config(config)
-        part = module_bytes(config, fb, storage, block)
+        part = module_bytes(config, fb, storage, block, packed_head=packs)
         return [DeviceMemory("each", part.total, _kv(block, config.n_layer, length, kv_bytes),
                              _activations(config, block, prompt, fb, True), overhead)]
     if layout.strategy == "sequential":
@@ -324,9 +340,11 @@ def _per_rank(
         for rank, layers in enumerate(layer_split(config.n_layer, n)):
             first, last = rank == 0, rank == n - 1
             weights = full.final_norm + sum(full.blocks[i] for i in layers)
-            if first or (last and config.tie_embeddings):
+            if first:
                 weights += full.embedding
-            if last:
+            if last and config.tie_embeddings:  # the table the head reads, or its packed copy
+                weights += full.head or (0 if first else full.embedding)
+            elif last:
                 weights += full.head
             out.append(DeviceMemory(rank, weights, _kv(config, len(layers), length, kv_bytes),
                                     _activations(config, config, prompt, fb, last), overhead,
@@ -340,8 +358,8 @@ def _per_rank(
     if layout.cpu_offload and layout.device_type == "cpu":
         notes.append("On CPU the offloaded shards stay in the same memory: --cpu-offload saves nothing there.")
     elif layout.cpu_offload:
-        return [DeviceMemory("each", gathered, kv, act, overhead, host=shard)]
-    return [DeviceMemory("each", shard + gathered, kv, act, overhead)]
+        return [DeviceMemory("each", gathered, kv, act, overhead, host=shard, gathered=gathered)]
+    return [DeviceMemory("each", shard + gathered, kv, act, overhead, gathered=gathered)]
 
 
 @dataclass

@@ -69,9 +69,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("strategy", str, None,
                 "Split the model over --devices: tp (heads and MLP split; lowest latency), "
                 "sequential (each device a slice of the layers; works across nodes and for any "
-                "head count) or fsdp (weights sharded, gathered for every token: saves memory, "
-                "much slower). Default with --devices N > 1: tp when the heads split evenly, "
-                "else sequential."),
+                "head count) or fsdp (weights sharded and gathered again for every token: it "
+                "trades speed for memory). Default with --devices N > 1: tp when the heads split "
+                "evenly, else sequential."),
         Setting("devices", _optional_int, None,
                 "Devices to split the model over: GPUs on CUDA; on CPU processes, each with its "
                 "share of the cores (--threads sets each one's threads). Default: 1, or torchrun's "

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from io import StringIO
 from pathlib import Path
@@ -324,11 +325,22 @@ def test_llm_api_starts_and_stops_its_ranks(chat_model):
         stream = two.stream("Once upon", temperature=0, max_new_tokens=50)
         next(stream)
         stream.close()
+        abandoned = two.stream("Once upon", temperature=0, max_new_tokens=50)
+        next(abandoned)  # never read further nor closed: the next call ends it on every rank
         assert two.chat([{"role": "user", "content": "Hi!"}], temperature=0, max_new_tokens=5) == \
             one.chat([{"role": "user", "content": "Hi!"}], temperature=0, max_new_tokens=5)
         assert two.perplexity("A short text to score.") == pytest.approx(one.perplexity("A short text to score."), rel=1e-4)
         sampled = [two.generate("Hi", temperature=1.0, seed=3, max_new_tokens=8) for _ in range(2)]
         assert sampled[0] == sampled[1] == one.generate("Hi", temperature=1.0, seed=3, max_new_tokens=8)
+        # Ctrl-C mid-reply (as in a chat): it waits for the step in flight to end on every
+        # rank, so the ranks stay in step and the next reply is the same as ever.
+        stream = two.stream("Once upon a time", temperature=0, max_new_tokens=100)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in stream:
+                threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+                time.sleep(0.5)
+        stream.close()
+        assert two.generate("Hi", temperature=0, max_new_tokens=8) == one.generate("Hi", temperature=0, max_new_tokens=8)
     finally:
         two.close()
     deadline = time.monotonic() + 15
@@ -445,6 +457,30 @@ def test_a_killed_rank_ends_the_others_with_one_sentence(chat_model):
     assert lines[-1] == f"Error: Rank 1 (pid {worker}) was killed by SIGKILL. The other ranks stopped.", lines
     assert "Traceback" not in err.decode()
     assert not _alive({worker})
+
+
+@pytest.mark.smollm2
+def test_a_killed_rank_0_takes_its_ranks_with_it(chat_model):
+    proc, worker = _start_long_generation(chat_model, "sequential")
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive({worker}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive({worker}), "a rank outlived rank 0"
+
+
+@pytest.mark.smollm2
+def test_bench_compares_strategies_with_one_device_in_one_run(chat_model):
+    code, out, err, seen = _watch([*PARROT, "bench", "-m", str(chat_model), "--strategy", "none,tp", "--devices", "2",
+                                   "-p", "8", "-n", "4", "-r", "1", "--precision", "32-true", "--device", "cpu",
+                                   "--bandwidth", "10", "--json"])
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [r["strategy"] for r in rows] == [None, "tp"]
+    assert rows[0]["rank_memory"] == [] and [m["rank"] for m in rows[1]["rank_memory"]] == [0, 1]
+    assert all(r["error"] is None and r["decode_steps"] == [4] for r in rows)
+    assert seen and not _alive(seen)
 
 
 @pytest.mark.smollm2
