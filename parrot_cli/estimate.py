@@ -141,7 +141,8 @@ def module_bytes(
         embedding = vocab * e * bits // 8 + vocab * groups * (4 if bits == 4 else 2)
     head_storage = storage_of.get("lm_head")
     if config.tie_embeddings and head_storage is None:
-        tied_int8 = embedding_storage.mode == "int8" and not embedding_storage.group_size
+        per_row = not embedding_storage.group_size or embedding_storage.group_size >= e
+        tied_int8 = embedding_storage.mode == "int8" and per_row  # the head shares its codes
         shared = (embedding_storage.mode is None and not packed_head) or tied_int8
         head = 0 if shared else linear_bytes(vocab, e, embedding_storage, float_bytes, False)
     else:

@@ -92,3 +92,17 @@ def test_estimate_table_names_each_part():
     text = buf.getvalue()
     for word in ("weights", "KV cache", "activations", "overhead", "rank 0", "rank 1", "0-7", "8-15"):
         assert word in text
+
+
+@pytest.mark.parametrize(("bits", "embedding", "case"), [(4, False, "llama-bias"), (8, True, "llama-gqa-tied"),
+                                                         (4, True, "llama-gqa-tied")])
+def test_quantized_checkpoints_are_planned_from_their_table(tmp_path, bits, embedding, case):
+    from tests.test_quantized_format import write_quantized
+
+    float_dir = convert(build(CASES_BY_ID[case], tmp_path / "hf"), tmp_path / "float", dtype="float32")
+    stored = write_quantized(float_dir, tmp_path / "q", embedding=embedding, bits=bits)
+    source = describe_model(str(stored))
+    assert source.stored_mode == f"int{bits}"
+    plan = estimate(source.config, precision="32-true", device_type="cpu", stored=source.stored_modules,
+                    stored_mode=source.stored_mode)
+    assert plan.ranks[0].weights == LLM.load(stored, precision="32-true", device="cpu").weight_bytes()
