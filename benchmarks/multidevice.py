@@ -38,9 +38,11 @@ def run(checkpoints: list[Path], out: Path) -> None:
         if target.exists():
             continue
         before = uptime()
-        report = subprocess.run([*PARROT, "bench", "-m", str(checkpoints[which]), *args, *COMMON],
-                                capture_output=True, text=True, check=True).stdout
-        data = json.loads(report)
+        done = subprocess.run([*PARROT, "bench", "-m", str(checkpoints[which]), *args, *COMMON],
+                              capture_output=True, text=True)
+        if not done.stdout.strip():
+            raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1]}")
+        data = json.loads(done.stdout)  # a failed configuration is its row's "error"
         data["load_average"] = {"before": before, "after": uptime()}
         target.write_text(json.dumps(data, indent=1))
 
@@ -70,6 +72,9 @@ def table(out: Path) -> str:
         rows = data["results"]
         base = next((r for r in rows if r["strategy"] is None), None)
         for r in rows:
+            if r["error"]:
+                lines.append(f"| {r['strategy'] or 'none'} | failed: {r['error']} | | | | |")
+                continue
             tg, pp = r["tg_tokens_per_s"]["mean"], r["pp_tokens_per_s"]["mean"]
             ratio = f"{tg / base['tg_tokens_per_s']['mean']:.2f}x" if base and tg and r is not base else "1.00x" if r is base else "—"
             peaks = [m["peak_memory_bytes"] for m in r["rank_memory"]] or [r["peak_memory_bytes"]]

@@ -28,6 +28,7 @@ from parrot_cli.cli.common import (
     SamplingOptions,
     console,
     load_llm,
+    memory_line,
     print_error,
     utf8_stdout,
 )
@@ -499,7 +500,8 @@ class Repl:
             f"{t.replies} replies, {t.generated} tokens generated ({speed:.1f} tokens/s overall); "
             f"prompt tokens prefilled {t.prefilled}, reused from the KV cache {t.reused}, "
             f"recomputed after edits {t.rewound}; exchanges dropped {t.dropped}; "
-            f"time to first token: {first}; context {self.session.context_used}/{self.session.context_limit}."
+            f"time to first token: {first}; context {self.session.context_used}/{self.session.context_limit}; "
+            f"memory {memory_line(self.session.llm)}."
         )
         return False
 

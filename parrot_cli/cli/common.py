@@ -252,3 +252,24 @@ def utf8_stdout() -> TextIO:
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(encoding="utf-8")
     return sys.stdout
+
+
+def memory_line(llm) -> str:
+    """Peak memory and weights: of this process, or of every rank of a multi-device model."""
+    ranks = llm.memory_by_rank()
+    kind = weights_kind(llm)
+    if len(ranks) == 1:
+        r = ranks[0]
+        return f"{r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f} GB, {kind})"
+    each = ", ".join(
+        f"rank {r['rank']} {r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f})"
+        for r in ranks
+    )
+    return f"{each}; {kind}, {llm.layout.describe()}"
+
+
+def weights_kind(llm) -> str:
+    """What the weight memory holds: the quantization mode, or the working precision."""
+    if llm.stored_quantization is not None:
+        return llm.stored_quantization.summary()
+    return llm.quantization.describe() if llm.quantization else llm.precision

@@ -14,6 +14,7 @@ from parrot_cli.cli.common import (
     SamplingOptions,
     console,
     load_llm,
+    memory_line,
     utf8_stdout,
 )
 from parrot_cli.cli.options import shared
@@ -82,24 +83,3 @@ def _print_stats(llm, result, sample: int) -> None:
         f"Memory used: {memory_line(llm)}[/]",
         soft_wrap=True,
     )
-
-
-def memory_line(llm) -> str:
-    """Peak memory and weights: of this process, or of every rank of a multi-device model."""
-    ranks = llm.memory_by_rank()
-    kind = _weights_kind(llm)
-    if len(ranks) == 1:
-        r = ranks[0]
-        return f"{r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f} GB, {kind})"
-    each = ", ".join(
-        f"rank {r['rank']} {r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f})"
-        for r in ranks
-    )
-    return f"{each}; {kind}, {llm.layout.describe()}"
-
-
-def _weights_kind(llm) -> str:
-    """What the weight memory holds: the quantization mode, or the working precision."""
-    if llm.stored_quantization is not None:
-        return llm.stored_quantization.summary()
-    return llm.quantization.describe() if llm.quantization else llm.precision

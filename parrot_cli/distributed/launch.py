@@ -132,6 +132,7 @@ class World:
     launcher: str  # "spawn" | "torchrun"
     workers: Workers | None = None  # on rank 0 of a world parrot started
     broken: bool = False  # a collective failed: the ranks are out of step
+    threads_before: int = 0  # torch's threads before this rank took its share (restored on close)
     closed: bool = field(default=False, repr=False)
 
     @property
@@ -165,6 +166,8 @@ class World:
                 dist.destroy_process_group()
             except Exception:  # peers gone: nothing left to tidy
                 pass
+        if self.threads_before:
+            torch.set_num_threads(self.threads_before)
 
 
 def _reason(err: BaseException, timeout: float) -> str:
@@ -205,6 +208,7 @@ def _join(
     workers: Workers | None,
 ) -> World:
     device = _device(layout, local_rank)
+    threads = torch.get_num_threads()
     if layout.threads and layout.device_type == "cpu":
         torch.set_num_threads(layout.threads)
     timeout = timedelta(seconds=layout.timeout)
@@ -219,7 +223,7 @@ def _join(
                             world_size=size, timeout=timeout, **kwargs)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     world = World(rank, size, local_rank, device, layout.backend, layout.timeout, control,
-                  layout.launcher, workers)
+                  layout.launcher, workers, threads_before=threads)
     if world.leader:
         atexit.register(world.close)
     return world

@@ -19,7 +19,7 @@ from parrot_cli.config import Config
 from parrot_cli.errors import UsageError
 
 STRATEGIES = ("tp", "sequential", "fsdp")
-SINGLE = ("none", "single", "")
+SINGLE = ("none", "single", "auto", "")  # no strategy named: --devices decides
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits in a collective before giving up
 # The module names whose inputs tensor parallelism cuts (row-parallel: the sums of their
@@ -207,7 +207,7 @@ def check_tensor_parallel_quantization(
 
 
 def resolve_strategy(name: str | None) -> str | None:
-    """'tp' | 'sequential' | 'fsdp', or None for one device / not chosen."""
+    """'tp' | 'sequential' | 'fsdp', or None: one device, or (auto) chosen from --devices."""
     if name is None or name.strip().lower() in SINGLE:
         return None
     key = name.strip().lower()
