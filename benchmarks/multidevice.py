@@ -20,10 +20,9 @@ PARROT = [sys.executable, "-m", "parrot_cli"]
 RUNS = {
     # name -> (which checkpoint, bench arguments)
     "smollm2": (0, ["--strategy", "none,sequential,fsdp", "-p", "64", "-n", "32", "-r", "3"]),
-    "smollm2-offload": (0, ["--strategy", "none,fsdp", "--cpu-offload", "-p", "64", "-n", "32", "-r", "3"]),
-    "random-1.1b": (1, ["--strategy", "none,tp,sequential", "-p", "32", "-n", "16", "-r", "2"]),
-    "random-1.1b-fsdp": (1, ["--strategy", "fsdp", "-p", "32", "-n", "4", "-r", "1"]),
-    "random-1.1b-fsdp-offload": (1, ["--strategy", "fsdp", "--cpu-offload", "-p", "32", "-n", "4", "-r", "1"]),
+    "smollm2-offload": (0, ["--strategy", "none,fsdp", "--cpu-offload", "-p", "32", "-n", "16", "-r", "2"]),
+    "random-1.1b": (1, ["--strategy", "none,tp,sequential", "-p", "16", "-n", "8", "-r", "1"]),
+    "random-1.1b-fsdp": (1, ["--strategy", "none,fsdp", "-p", "16", "-n", "2", "-r", "1"]),
 }
 COMMON = ["--bandwidth", "1", "--devices", "2", "--precision", "32-true", "--device", "cpu", "--max-seq-length", "256", "--json"]
 

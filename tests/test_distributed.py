@@ -401,6 +401,9 @@ def test_llm_api_starts_and_stops_its_ranks(chat_model):
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(worker), "a rank outlived close()"
+    # A second world in the same process (bench loads one per configuration).
+    with LLM.load(chat_model, precision="32-true", device="cpu", strategy="sequential", devices=2) as again:
+        assert again.generate("Hi", temperature=0, max_new_tokens=8) == one.generate("Hi", temperature=0, max_new_tokens=8)
 
 
 @pytest.mark.smollm2

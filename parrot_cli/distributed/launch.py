@@ -45,7 +45,7 @@ CONTROL_TIMEOUT = timedelta(days=30)
 STARTUP_SECONDS = 120.0  # for the workers to import torch and check in (slow, loaded machines)
 GRACE_SECONDS = 10.0  # for workers to leave after the exit command, before SIGTERM
 PR_SET_PDEATHSIG = 1
-_WORLDS = itertools.count()  # worlds this process has joined
+_WORLDS = itertools.count()  # torchrun worlds this process has joined
 
 
 @dataclass
@@ -215,10 +215,13 @@ def _join(
     kwargs = {"device_id": device} if layout.backend == "nccl" else {}
     if store is None:  # torchrun: its store (the agent's, shared by every world it hosts)
         store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
-    # A fresh prefix for every world this process joins: torch names every new default
-    # group alike, and a second world on torchrun's store would read the first one's
-    # addresses (a process may load, close and load again).
-    prefix = f"parrot/{next(_WORLDS)}"
+        # A fresh prefix for every world this process joins there: torch names every new
+        # default group alike, and a second world on that store would read the first one's
+        # addresses (a process may load, close and load again). Both sides count alike:
+        # torchrun's ranks all run the same sequence of loads.
+        prefix = f"parrot/{next(_WORLDS)}"
+    else:
+        prefix = "parrot"  # a world parrot started has a store of its own
     dist.init_process_group(layout.backend, store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=size, timeout=timeout, **kwargs)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
