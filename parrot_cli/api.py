@@ -6,6 +6,7 @@ one way: prompt -> tokenizer -> model (+ KV cache) -> sampler -> detokenizer -> 
 
 from __future__ import annotations
 
+import atexit
 import math
 import resource
 import sys
@@ -24,16 +25,17 @@ from parrot_cli.config import Config
 from parrot_cli.errors import (
     CheckpointError,
     ContextLengthError,
-    NotSupportedError,
     OutOfMemoryError,
+    ParrotError,
     UsageError,
 )
-from parrot_cli.generation import SamplingParams, generate_tokens
+from parrot_cli.generation import ALONE, SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
 from parrot_cli.kernels.decode import attach as attach_fused_decode
 from parrot_cli.kernels.decode import attached as attached_decoder
 from parrot_cli.kernels.native import library as native_library
 from parrot_cli.kernels.native import widen_bf16_linears
+from parrot_cli.machine import cpu_has_native_bf16
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
@@ -42,6 +44,9 @@ from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
 if TYPE_CHECKING:
+    from parrot_cli.distributed.launch import World
+    from parrot_cli.distributed.layout import Layout
+    from parrot_cli.distributed.runtime import LoadRequest, Ranks
     from parrot_cli.prompt_styles import PromptStyle
 
 Prompt = str | list[dict[str, str]]  # raw text, or chat messages for the chat template
@@ -115,17 +120,6 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 halves
-    the bytes read per token and its matmuls are fast; elsewhere bf16 is emulated and slower
-    than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_precision(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
@@ -139,6 +133,36 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision not in table:
         raise UsageError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     return table[precision]
+
+
+def _plan_layout(settings: Settings, config: Config, device: torch.device, stored: QuantizationConfig | None):
+    """The multi-device layout the settings ask for (None: one device here)."""
+    from parrot_cli.distributed.layout import plan_layout, torchrun_launch
+
+    return plan_layout(
+        settings.get("strategy"),
+        settings.get("devices"),
+        config=config,
+        device_type=device.type,
+        cuda_devices=torch.cuda.device_count() if device.type == "cuda" else 0,
+        cpu_offload=settings.get("cpu_offload"),
+        backend=settings.get("dist_backend"),
+        timeout=settings.get("dist_timeout"),
+        threads=settings.get("threads"),
+        compile=bool(settings.get("compile")),
+        quantized=stored is not None or resolve_mode(settings.get("quantize")) is not None,
+        stored_modules=stored.modules if stored is not None else None,
+        launch=torchrun_launch(),
+    )
+
+
+def _rank_config(layout: Layout | None, config: Config) -> Config:
+    """The config one rank builds (tensor parallel: its share of the heads)."""
+    if layout is None or layout.strategy != "tp":
+        return config
+    from parrot_cli.distributed.layout import tensor_split
+
+    return tensor_split(config, layout.world_size).config(config)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -186,6 +210,11 @@ class LLM:
         self.decode_kernel = "torch"
         # Called with one-line notices (e.g. a large KV cache); the CLI prints them dimmed.
         self.notify: Callable[[str], None] = lambda message: None
+        # A multi-device model: how it is split, and this rank's side of the lockstep.
+        self.layout: Layout | None = None
+        self.ranks: Ranks | None = None
+        self.notes: list[str] = []  # what loading wants the user told once (the CLI prints them)
+        self._generation: Iterator[int] | None = None  # the token loop in progress, if any
 
     # ------------------------------------------------------------------ loading
 
@@ -201,20 +230,26 @@ class LLM:
         compile: bool = False,
         threads: int | None = None,
         strategy: str | None = None,
-        devices: int = 1,
+        devices: int | None = None,
         settings: Settings | None = None,
         group_size: int | None = None,
         quantize_head: bool | None = None,
+        cpu_offload: bool | None = None,
+        dist_backend: str | None = None,
+        dist_timeout: float | None = None,
     ) -> LLM:
         """Load a checkpoint directory or known model name (None = the configured default).
         `quantize` names a mode of `parrot_cli.quantize.MODES` (the Linears of every block,
-        and the head with `quantize_head`, quantized while loading); `group_size` is int4's."""
+        and the head with `quantize_head`, quantized while loading); `group_size` is int4's.
+
+        `strategy` ("tp", "sequential", "fsdp") with `devices` N splits the model over N
+        ranks (`parrot_cli/distributed/`): this process is rank 0 and starts the others
+        (on CPU one process per device, each with its share of the cores), which end with
+        `close()` (or at exit). `devices` None means 1, or torchrun's world size when the
+        process was started by torchrun; there `load` on a rank other than 0 serves rank 0
+        until it closes the model, then ends the process. Every method of the returned LLM
+        works as on one device (each model operation runs on all ranks)."""
         start = time.perf_counter()
-        if strategy not in (None, "auto", "single") or devices != 1:
-            raise NotSupportedError(
-                "Multi-device strategies (--strategy/--devices) are not supported yet; "
-                "run on one device."
-            )
         flags = {
             "model": str(model) if model is not None else None,
             "device": None if device == "auto" else device,
@@ -225,6 +260,11 @@ class LLM:
             "threads": threads,
             "group_size": group_size,
             "quantize_head": quantize_head,
+            "strategy": strategy,
+            "devices": devices,
+            "cpu_offload": cpu_offload,
+            "dist_backend": dist_backend,
+            "dist_timeout": dist_timeout,
         }
         settings = (settings or Settings()).with_flags(**flags)
         resolve_mode(settings.get("quantize"))  # an unknown mode fails before anything else
@@ -234,11 +274,12 @@ class LLM:
         dev = pick_device(settings.get("device"))
         prec = settings.get("precision") or default_precision(dev)
         dtype = precision_dtype(prec)
-        # Every impossible request (bnb missing, wrong device, group size) fails here,
-        # before a single weight is read.
+        # Every impossible request (bnb missing, wrong device, group size, a split that
+        # does not fit) fails here, before a process starts or a weight is read.
+        layout = _plan_layout(settings, info.config, dev, stored)
         quantization = plan_quantization(
             settings.get("quantize"),
-            info.config,
+            _rank_config(layout, info.config),
             dev,
             group_size=settings.get("group_size"),
             group_size_from_user=settings.source("group_size") == "flag",
@@ -255,31 +296,102 @@ class LLM:
             if (checkpoint_dir / "tokenizer.json").is_file()
             else None
         )
-        gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
-        # A fused native decode step where it applies (one call a token); otherwise torch's
-        # modules, with oneDNN-prepacked linears (inductor, under --compile, cannot lower
-        # packed weights: it packs its own).
-        decode_kernel = "torch"
-        if not settings.get("compile") and dev.type == "cpu" and native_library() is not None:
-            if dtype == torch.bfloat16 and not cpu_has_native_bf16():
-                widen_bf16_linears(gpt)  # prefill in fp32: torch emulates bf16 matmuls here
-            if attach_fused_decode(gpt) is None:
-                decode_kernel = f"native {native_library().isa}"
-        if decode_kernel == "torch" and can_pack(dev, dtype) and not settings.get("compile"):
-            pack_linears(gpt)
         fixed = settings.get("max_seq_length")
         if fixed is not None and not 0 < fixed <= info.config.block_size:
             raise UsageError(
                 f"--max-seq-length {fixed} is outside 1..{info.config.block_size} (the model's context)."
             )
+        decode_kernel = "torch"
+        if layout is not None:
+            from parrot_cli.distributed.runtime import LoadRequest
+
+            request = LoadRequest(str(checkpoint_dir), prec, quantization, layout, fixed)
+            gpt, world, ranks = cls._load_part(request)
+            dev = world.device
+        else:
+            gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
+            # A fused native decode step where it applies (one call a token); otherwise
+            # torch's modules, with oneDNN-prepacked linears (inductor, under --compile,
+            # cannot lower packed weights: it packs its own).
+            if not settings.get("compile") and dev.type == "cpu" and native_library() is not None:
+                if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+                    widen_bf16_linears(gpt)  # prefill in fp32: torch emulates bf16 matmuls here
+                if attach_fused_decode(gpt) is None:
+                    decode_kernel = f"native {native_library().isa}"
+            if decode_kernel == "torch" and can_pack(dev, dtype) and not settings.get("compile"):
+                pack_linears(gpt)
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
         llm.quantization = quantization
         llm.stored_quantization = stored
         llm.decode_kernel = decode_kernel
+        if layout is not None:
+            llm.layout, llm.ranks, llm.notes = layout, ranks, list(layout.notes)
         if settings.get("compile"):
             llm._compile()
         llm.load_seconds = time.perf_counter() - start
         return llm
+
+    @staticmethod
+    def _load_part(request: LoadRequest) -> tuple[GPT, World, Ranks]:
+        """Start or join the world, have every rank load its part, and make sure all did.
+        A torchrun rank other than 0 serves rank 0 from here and never returns."""
+        from parrot_cli.distributed import launch, runtime
+
+        world = launch.start(request.layout)
+        if not world.leader:
+            raise SystemExit(runtime.follow(world))
+        ranks = runtime.Ranks(world, runtime.sampler_rank(request.layout))
+        atexit.register(ranks.close)  # tell the others to leave, if the caller never closes
+        try:
+            ranks.call("load", request)
+            failure: BaseException | None = None
+            try:
+                gpt = runtime.build_part(request, world)
+            except (ParrotError, MemoryError, torch.OutOfMemoryError) as err:
+                failure = err
+            ranks.agree(None if failure is None else f"rank 0: {failure}")
+            if failure is not None:
+                raise failure
+        except BaseException:
+            ranks.close()
+            raise
+        return gpt, world, ranks
+
+    @classmethod
+    def follower(cls, request: LoadRequest, world: World, ranks: Ranks) -> LLM:
+        """A rank other than 0: its part of the model behind the LLM methods rank 0 calls."""
+        from parrot_cli.checkpoint.store import read_info
+        from parrot_cli.distributed.runtime import build_part
+
+        directory = Path(request.checkpoint_dir)
+        config = read_info(directory).config
+        gpt = build_part(request, world)
+        llm = cls(gpt, None, config, directory, Settings(config={}), world.device, request.precision,
+                  request.fixed_max_seq_length)
+        llm.layout, llm.ranks = request.layout, ranks
+        return llm
+
+    def close(self) -> None:
+        """End the other ranks of a multi-device model (they also end when this process
+        exits); nothing to do on one device."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _everywhere(self, method: str, *args: Any) -> Any:
+        """Run LLM.`method`(*args) on every rank: rank 0 tells the others, then runs it too.
+        A generation left unfinished (a stream never read to its end) is closed first: the
+        other ranks wait inside it, and must hear that it ended before the next command."""
+        if self.ranks is not None and self.ranks.leader:
+            if self._generation is not None:
+                self._generation.close()
+            self.ranks.call(method, *args)
+        return getattr(self, method)(*args)
 
     def _compile(self) -> None:
         # Compiling each block keeps the data-dependent cache length outside the graphs.
@@ -327,8 +439,14 @@ class LLM:
         size = self.cache_bytes(length)
         if size >= CACHE_NOTICE_BYTES:
             self.notify(f"Allocating a {size / 1024**3:.1f} GiB KV cache for {length} tokens.")
+        self._everywhere("_allocate_cache", length)
+        return length
+
+    def _allocate_cache(self, length: int) -> None:
+        """This rank's KV cache (its layers, its kv heads) for `length` positions."""
         old = [block.attn.kv_cache for block in self.model.transformer.h]
         self.model.clear_caches()
+        error = None
         try:
             self.model.setup_caches(1, length, device=self.device, dtype=self.cache_dtype)
             # Growing keeps what the cache held, so a conversation continues across it.
@@ -337,12 +455,17 @@ class LLM:
                     kept = previous.k.size(2)
                     block.attn.kv_cache.k[:, :, :kept] = previous.k
                     block.attn.kv_cache.v[:, :, :kept] = previous.v
-        except torch.OutOfMemoryError as err:
-            raise OutOfMemoryError(
-                f"Out of memory allocating a KV cache of {length} tokens ({size / 1024**3:.1f} GiB); "
-                "lower --max-seq-length."
-            ) from err
-        return length
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            self.model.clear_caches()
+            error = OutOfMemoryError(
+                f"Out of memory allocating a KV cache of {length} tokens "
+                f"({self.cache_bytes(length) / 1024**3:.1f} GiB); lower --max-seq-length."
+            )
+            error.__cause__ = err
+        if self.ranks is not None:
+            self.ranks.agree(None if error is None else f"rank {self.ranks.rank}: {error}")
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ text
 
@@ -471,10 +594,6 @@ class LLM:
         room = self.check_context(start_pos + len(ids))
         max_new = min(max_new, room)
         self.ensure_cache(start_pos + len(ids) + max_new)
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
         decoder = IncrementalDecoder(self.tokenizer)
         # A stop string that is a special token never shows in the decoded text: stop on its id.
         stop_ids = [
@@ -486,16 +605,8 @@ class LLM:
         start = time.perf_counter()
         pieces: list[str] = []
         with torch.inference_mode():
-            tokens = generate_tokens(
-                self.model,
-                ids,
-                max_new_tokens=max_new,
-                params=params,
-                eos_ids=eos,
-                generator=generator,
-                start_pos=start_pos,
-                history=history,
-            )
+            tokens = self.tokens(ids, max_new_tokens=max_new, params=params, eos_ids=eos, seed=seed,
+                                 start_pos=start_pos, history=history)
             for token in tokens:
                 if not result.generated_tokens:
                     result.time_to_first_token = time.perf_counter() - start
@@ -526,6 +637,51 @@ class LLM:
         result.seconds = time.perf_counter() - start
         result.text = "".join(pieces)
 
+    def tokens(
+        self,
+        ids: list[int],
+        *,
+        max_new_tokens: int,
+        params: SamplingParams,
+        eos_ids: list[int] | tuple[int, ...] = (),
+        seed: int | None = None,
+        start_pos: int = 0,
+        history: list[int] | None = None,
+    ) -> Iterator[int]:
+        """The token ids `generation.generate_tokens` samples after `ids` (prefilled at
+        `start_pos`; the KV cache must be large enough, see `ensure_cache`), on every rank
+        of a multi-device model. Run it under `torch.inference_mode()`."""
+        if not params.greedy and seed is None:
+            seed = torch.seed()  # rank 0 draws it; a pipeline's last rank samples with it
+        spec = {"ids": list(ids), "max_new_tokens": max_new_tokens, "params": params,
+                "eos_ids": list(eos_ids), "seed": seed, "start_pos": start_pos,
+                "history": list(history or [])}
+        tokens = self._everywhere("_tokens_here", spec)
+        self._generation = tokens
+        try:
+            yield from tokens
+        finally:
+            if self._generation is tokens:
+                self._generation = None
+
+    def _tokens_here(self, spec: dict[str, Any]) -> Iterator[int]:
+        generator = None
+        if not spec["params"].greedy:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(spec["seed"])
+        return generate_tokens(
+            self.model,
+            spec["ids"],
+            max_new_tokens=spec["max_new_tokens"],
+            params=spec["params"],
+            eos_ids=spec["eos_ids"],
+            generator=generator,
+            start_pos=spec["start_pos"],
+            history=spec["history"],
+            device=self.device,
+            lockstep=self.ranks or ALONE,
+        )
+
     # ------------------------------------------------------------------ scoring
 
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -534,9 +690,17 @@ class LLM:
         rope scaling can be checked there."""
         if not ids:
             raise UsageError("logits() needs at least one token id.")
+        return self._everywhere("_logits_here", list(ids))
+
+    def _logits_here(self, ids: list[int]) -> torch.Tensor | None:
         idx = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
         with torch.inference_mode():
-            return self.model(idx)[0].float()
+            if self.ranks is None:
+                return self.model(idx)[0].float()
+            with self.ranks.step():
+                out = self.model(idx)
+                out = None if out is None else out[0].float()
+                return self.ranks.to_leader(out, (len(ids), self.config.vocab_size), torch.float32)
 
     def perplexity(self, text: str) -> float:
         """exp(mean next-token negative log-likelihood) of the text, in context-sized windows."""
@@ -554,9 +718,10 @@ class LLM:
         return math.exp(total / count)
 
     def weight_bytes(self) -> int:
-        """Bytes the weights occupy: parameters (shared ones once) plus the weights of
-        modules that keep them outside parameters (packed or quantized; they say `nbytes`),
-        and the int8 mirror of a float head that the fused decode step reads."""
+        """Bytes the weights of this rank occupy: parameters (shared ones once; an FSDP
+        shard counts its own part) plus the weights of modules that keep them outside
+        parameters (packed or quantized; they say `nbytes`), and the int8 mirror of a float
+        head that the fused decode step reads."""
         fused = attached_decoder(self.model)
         seen, total = set(), fused.mirror_bytes() if fused else 0
         for module in self.model.modules():
@@ -564,7 +729,17 @@ class LLM:
             if isinstance(nbytes, int):
                 total += nbytes
             for p in module.parameters(recurse=False):
-                if p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    total += p.numel() * p.element_size()
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if local.device.type != "meta" and local.data_ptr() not in seen:
+                    seen.add(local.data_ptr())
+                    total += local.numel() * local.element_size()
         return total
+
+    def memory_by_rank(self) -> list[dict[str, int]]:
+        """Peak memory and weight bytes of every rank, rank 0 first (one entry on one device)."""
+        return self._everywhere("_memory_here")
+
+    def _memory_here(self) -> list[dict[str, int]]:
+        mine = {"rank": self.ranks.rank if self.ranks else 0,
+                "peak_memory_bytes": peak_memory_bytes(self.device), "weight_bytes": self.weight_bytes()}
+        return self.ranks.gather(mine) if self.ranks is not None else [mine]

@@ -56,8 +56,9 @@ class BenchConfig:
     precision: str | None = None  # resolved before running (peers need it)
     prompt_tokens: int = 512
     gen_tokens: int = 128
-    threads: int | None = None  # None = torch's default
+    threads: int | None = None  # None = torch's default (of each rank, with a strategy)
     compile: bool = False
+    strategy: str | None = None  # None = one device; tp | sequential | fsdp over --devices
 
     @property
     def test(self) -> str:
@@ -89,6 +90,7 @@ class BenchResult:
     quantize: str | None = None  # effective
     peak_memory_bytes: int | None = None
     baseline_memory_bytes: int | None = None
+    rank_memory: list[dict[str, int]] = field(default_factory=list)  # every rank's peak, with a strategy
     weight_bytes: int | None = None
     bytes_per_token: int | None = None
     perplexity: float | None = None
@@ -116,6 +118,7 @@ class BenchPlan:
     max_seq_length: int | None = None
     bandwidth_gbs: float | None = None  # given by the user; None = measure
     peers: dict[str, Path] = field(default_factory=dict)  # engine -> weights it loads
+    load_options: dict[str, Any] = field(default_factory=dict)  # more LLM.load keywords, for every row
 
     @property
     def steps(self) -> int:
@@ -133,12 +136,14 @@ def make_plan(
     gen_tokens: Sequence[int] = (128,),
     threads: Sequence[int | None] = (None,),
     compile: Sequence[bool] = (False,),
+    strategy: Sequence[str | None] = (None,),
     vs: Sequence[str] = (),
     repetitions: int = 5,
     warmup: int = 1,
     ppl_text: str | None = None,
     max_seq_length: int | None = None,
     bandwidth_gbs: float | None = None,
+    load_options: dict[str, Any] | None = None,
 ) -> BenchPlan:
     """Resolve the model and defaults, check the peers, and order the cross product.
 
@@ -165,10 +170,13 @@ def make_plan(
     def resolved(p: str | None) -> str:
         return Settings().with_flags(precision=p).get("precision") or default_precision(dev)
 
+    strategies = [None if s in (None, "none") else s for s in strategy]
+    if (load_options or {}).get("cpu_offload") and "fsdp" not in strategies:
+        raise UsageError("--cpu-offload applies to --strategy fsdp only (it keeps the weight shards in CPU memory).")
     parrot = [
-        BenchConfig(PARROT, q, resolved(p), pp, tg, t, c)
-        for q, p, pp, tg, t, c in itertools.product(
-            quantize, precision, prompt_tokens, gen_tokens, threads, compile
+        BenchConfig(PARROT, q, resolved(p), pp, tg, t, c, s)
+        for q, p, pp, tg, t, c, s in itertools.product(
+            quantize, precision, prompt_tokens, gen_tokens, threads, compile, strategies
         )
     ]
     ordered: list[BenchConfig] = []
@@ -182,7 +190,7 @@ def make_plan(
             if not any(c.engine == engine and c.peer_key(engine) == peer.peer_key(engine) for c in ordered):
                 ordered.append(peer)
     return BenchPlan(checkpoint_dir, str(dev), ordered, repetitions, warmup, ppl_text,
-                     max_seq_length, bandwidth_gbs, peers)
+                     max_seq_length, bandwidth_gbs, peers, dict(load_options or {}))
 
 
 def peer_config(engine: str, config: BenchConfig) -> BenchConfig:
@@ -247,6 +255,10 @@ class _Engine:
     def perplexity(self, text: str) -> float | None:
         return None
 
+    def rank_memory(self) -> list[dict[str, int]]:
+        """Every rank's peak memory and weights, for a model split over several."""
+        return []
+
     def close(self) -> None:
         pass
 
@@ -255,6 +267,11 @@ class _Parrot(_Engine):
     def __init__(self, plan: BenchPlan, config: BenchConfig) -> None:
         from parrot_cli.api import LLM
 
+        options = dict(plan.load_options)
+        if config.strategy is None:  # the one-device row of a strategy sweep
+            options = {k: v for k, v in options.items() if k not in ("devices", "cpu_offload")}
+        elif config.strategy != "fsdp":
+            options.pop("cpu_offload", None)
         self.llm = LLM.load(
             plan.checkpoint_dir,
             device=plan.device,
@@ -263,6 +280,8 @@ class _Parrot(_Engine):
             max_seq_length=plan.max_seq_length,
             compile=config.compile,
             threads=config.threads,
+            strategy=config.strategy or "none",
+            **options,
         )
         self.precision = self.llm.precision
         stored = self.llm.stored_quantization  # a quantized checkpoint loads as it is stored
@@ -281,7 +300,7 @@ class _Parrot(_Engine):
     def run(self, prompt: list[int], gen_tokens: int) -> tuple[float, float, int]:
         import torch
 
-        from parrot_cli.generation import SamplingParams, generate_tokens
+        from parrot_cli.generation import SamplingParams
 
         needed = len(prompt) + gen_tokens
         if needed > self.llm.context_limit:
@@ -293,10 +312,8 @@ class _Parrot(_Engine):
         with torch.inference_mode():
             # gen_tokens + 1 samples: the first comes from the prefill, each other from one
             # decode step. No EOS ids: the count never depends on what is sampled.
-            tokens = generate_tokens(
-                self.llm.model, prompt, max_new_tokens=gen_tokens + 1,
-                params=SamplingParams(temperature=0.0), eos_ids=(),
-            )
+            tokens = self.llm.tokens(prompt, max_new_tokens=gen_tokens + 1,
+                                     params=SamplingParams(temperature=0.0), eos_ids=())
             start = time.perf_counter()
             next(tokens)
             first = time.perf_counter()
@@ -307,9 +324,13 @@ class _Parrot(_Engine):
     def perplexity(self, text: str) -> float:
         return self.llm.perplexity(text)
 
+    def rank_memory(self) -> list[dict[str, int]]:
+        return self.llm.memory_by_rank() if self.llm.ranks is not None else []
+
     def close(self) -> None:
         compiled = bool(self.llm.settings.get("compile"))
         self.llm.model.clear_caches()
+        self.llm.close()
         del self.llm
         if compiled:
             import torch
@@ -565,6 +586,8 @@ class BenchRun:
         finally:
             result.peak_memory_bytes = memory.peak()
             if engine is not None:
+                with contextlib.suppress(ParrotError):
+                    result.rank_memory = engine.rank_memory()
                 engine.close()
             del engine
 
@@ -597,6 +620,7 @@ class BenchRun:
                 "ppl": self.plan.ppl_text is not None,
                 "prompt": f"{PROMPT_SEED=}: uniform random token ids",
                 "sampling": "greedy, EOS ignored",
+                "load_options": self.plan.load_options,
             },
             "machine_bandwidth": self.bandwidth,
             "memory_method": self.memory_method,
@@ -607,7 +631,7 @@ class BenchRun:
 
 def describe(config: BenchConfig) -> str:
     """A short label for progress lines: engine, the non-default values, the workload."""
-    parts = [config.engine, config.quantize, config.precision,
+    parts = [config.engine, config.strategy, config.quantize, config.precision,
              f"{config.threads} threads" if config.threads else None,
              "compiled" if config.compile else None, config.test]
     return " ".join(p for p in parts if p)
@@ -633,6 +657,7 @@ def result_row(r: BenchResult, machine_gbs: float | None) -> dict[str, Any]:
         "precision": r.precision or c.precision,
         "threads": r.threads if r.threads is not None else c.threads,
         "compile": c.compile,
+        "strategy": c.strategy,
         "prompt_tokens": c.prompt_tokens,
         "gen_tokens": c.gen_tokens,
         "test": c.test,
@@ -645,6 +670,7 @@ def result_row(r: BenchResult, machine_gbs: float | None) -> dict[str, Any]:
         "decode_steps": r.decode_steps,
         "peak_memory_bytes": r.peak_memory_bytes,
         "baseline_memory_bytes": r.baseline_memory_bytes,
+        "rank_memory": r.rank_memory,
         "weight_bytes": r.weight_bytes,
         "bytes_per_token": r.bytes_per_token,
         "bandwidth_gbs": bandwidth,

@@ -40,4 +40,8 @@ class OutOfMemoryError(ParrotError):
 
 
 class NotSupportedError(ParrotError):
-    """A feature parrot does not implement yet (e.g. multi-device strategies)."""
+    """A feature parrot does not implement yet."""
+
+
+class DistributedError(ParrotError):
+    """A rank of a multi-device world failed, died or stopped answering; the others stop."""

@@ -8,8 +8,10 @@ repetition penalty, temperature, top-k, top-p, min-p.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -101,6 +103,39 @@ def sample_scores(
     return sample(logits, p, generator, seen)
 
 
+class Lockstep(Protocol):
+    """Keeps the ranks of a multi-device model in step through `generate_tokens` (every
+    rank runs the same loop; `distributed.runtime.Ranks` implements it)."""
+
+    samples: bool  # whether this rank has the logits and samples
+
+    def step(self) -> contextlib.AbstractContextManager: ...  # one forward on every rank
+    def share(self, token: int) -> int: ...  # the sampling rank's token, everywhere
+    def proceed(self) -> bool: ...  # rank 0: go on; the others: whether to
+    def stop(self) -> None: ...  # rank 0: the others wait for a step that will not come
+
+
+class Alone:
+    """The lockstep of a model in one process: nothing to wait for."""
+
+    samples = True
+
+    def step(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def share(self, token: int) -> int:
+        return token
+
+    def proceed(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+ALONE = Alone()
+
+
 def generate_tokens(
     model: GPT,
     prompt: list[int],
@@ -111,18 +146,23 @@ def generate_tokens(
     generator: torch.Generator | None = None,
     start_pos: int = 0,
     history: list[int] | None = None,
+    device: torch.device | None = None,
+    lockstep: Lockstep = ALONE,
 ) -> Iterator[int]:
     """Prefill `prompt` at positions [start_pos, start_pos + len(prompt)), then decode.
 
     Yields each new token id, the EOS id included (then stops). The cache must hold
     start_pos + len(prompt) + max_new_tokens - 1 positions. `history` is the context
     already in the cache (for the repetition penalty); tokens kept in the cache by a
-    caller that continues a conversation are not prefilled again.
+    caller that continues a conversation are not prefilled again. `device` is where the
+    ids go (default: the model's); `lockstep` keeps the ranks of a multi-device model in
+    step: every rank runs this loop, the one with the logits samples.
 
     The prefill runs the model's forward; each decode step runs the model's fused step
-    when it has one (`kernels/decode.py`: one native call a token), else its forward.
+    when it has one (`kernels/decode.py`: one native call a token; never on a split model),
+    else its forward.
     """
-    device = model.transformer.ln_f.weight.device
+    device = device or model.transformer.ln_f.weight.device
     eos = set(eos_ids)
     track = params.repetition_penalty != 1.0
     seen = list(history or []) + list(prompt) if track else []
@@ -134,19 +174,35 @@ def generate_tokens(
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None]
     input_pos = torch.arange(start_pos, start_pos + len(prompt), device=device)
     pos = start_pos + len(prompt)  # where the next token goes
-    for step in range(max_new_tokens):
-        seen_t = torch.tensor(sorted(set(seen)), dtype=torch.long, device=device) if track else None
-        if step == 0 or fused is None:
-            logits = model(idx, input_pos, **head_kw)[0, -1]
-            token = sample(logits, params, generator, seen_t)
-        else:
-            token = sample_scores(fused.step(token, pos - 1, want), params, vocab, generator, seen_t)
-        yield token
-        if token in eos or step == max_new_tokens - 1:
-            return
-        if track:
-            seen.append(token)
-        if fused is None:
-            idx = torch.tensor([[token]], dtype=torch.long, device=device)
-            input_pos = torch.tensor([pos], device=device)
-        pos += 1
+    last = prompt[-1]
+    waiting = False  # whether the other ranks wait for word to run another step
+    try:
+        for step in range(max_new_tokens):
+            with lockstep.step():
+                token = 0
+                seen_t = None
+                if lockstep.samples and track:
+                    seen_t = torch.tensor(sorted(set(seen)), dtype=torch.long, device=device)
+                if step == 0 or fused is None:
+                    logits = model(idx, input_pos, **head_kw)
+                    if lockstep.samples:
+                        token = sample(logits[0, -1], params, generator, seen_t)
+                else:
+                    token = sample_scores(fused.step(last, pos - 1, want), params, vocab, generator, seen_t)
+                token = lockstep.share(token)
+                done = token in eos or step == max_new_tokens - 1
+                waiting = not done
+            yield token
+            if done or not lockstep.proceed():
+                return
+            waiting = False
+            if track:
+                seen.append(token)
+            last = token  # the fused step's input
+            if fused is None:
+                idx = torch.tensor([[token]], dtype=torch.long, device=device)
+                input_pos = torch.tensor([pos], device=device)
+            pos += 1
+    finally:
+        if waiting:  # the consumer stopped early (a stop string, Ctrl-C, close())
+            lockstep.stop()

@@ -21,6 +21,17 @@ from parrot_cli import __version__
 
 BANDWIDTH_PROBE_BYTES = 512 * 1024**2  # large enough to defeat every cache level
 
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 halves
+    the bytes read per token and its matmuls are fast; elsewhere bf16 is emulated and slower
+    than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
 def measure_read_bandwidth(device: str = "cpu", size: int = BANDWIDTH_PROBE_BYTES) -> float:
     """Best-of-5 GB/s of `.sum()` over a float32 tensor of `size` bytes, with all threads:
     the read bandwidth a decode step can hope for on this machine."""

@@ -66,6 +66,23 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_seq_length", _optional_int, None,
                 "KV cache size in tokens (default: prompt + max-new-tokens, capped by the context)."),
         Setting("compile", _bool, False, "Compile the decode step with torch.compile."),
+        Setting("strategy", str, None,
+                "Split the model over --devices: tp (heads and MLP split; lowest latency), "
+                "sequential (each device a slice of the layers; works across nodes and for any "
+                "head count) or fsdp (weights sharded and gathered again for every token: it "
+                "trades speed for memory). Default with --devices N > 1: tp when the heads split "
+                "evenly, else sequential."),
+        Setting("devices", _optional_int, None,
+                "Devices to split the model over: GPUs on CUDA; on CPU processes, each with its "
+                "share of the cores (--threads sets each one's threads). Default: 1, or torchrun's "
+                "world size, or every GPU with --strategy on CUDA."),
+        Setting("cpu_offload", _bool, False,
+                "With --strategy fsdp: keep the weight shards in CPU memory, copied to the device "
+                "block by block (least device memory, slowest)."),
+        Setting("dist_backend", str, "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."),
+        Setting("dist_timeout", float, 60.0,
+                "Seconds a rank waits for the others in a collective before all stop (raise it "
+                "for very long prompts on slow devices)."),
         Setting("max_new_tokens", int, 256, "Most tokens to generate.", "max_new_tokens"),
         Setting("temperature", float, 0.8, "Sampling temperature; 0 = greedy.", "temperature"),
         Setting("top_k", _optional_int, 50, "Sample from the k most likely tokens (0 = all).", "top_k"),

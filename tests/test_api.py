@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parrot_cli import LLM
-from parrot_cli.errors import ContextLengthError, NotSupportedError, UsageError
+from parrot_cli.errors import ContextLengthError, UsageError
 
 pytestmark = pytest.mark.smollm2
 
@@ -138,9 +138,9 @@ def test_fixed_cache_limits_the_prompt(smollm2_checkpoint):
     assert stream.result.prompt_tokens + stream.result.generated_tokens <= 16
 
 
-def test_multi_device_is_not_supported_yet(smollm2_checkpoint):
-    with pytest.raises(NotSupportedError, match="not supported yet"):
-        LLM.load(smollm2_checkpoint, strategy="fsdp", devices=2)
+def test_a_split_that_cannot_work_fails_before_loading(smollm2_checkpoint):
+    with pytest.raises(UsageError, match="9 attention heads do not split over 2 devices; use --strategy sequential"):
+        LLM.load(smollm2_checkpoint, strategy="tp", devices=2)
 
 
 def test_bad_sampling_values_are_usage_errors(smollm2_llm):

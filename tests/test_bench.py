@@ -27,10 +27,10 @@ from tests.hf_factory import CASES_BY_ID, build
 WORDS = [f"w{i}" for i in range(100)]
 TEXT = " ".join(WORDS[(7 * i) % 100] for i in range(40))  # 40 tokens: two windows of context
 FIELDS = {
-    "engine", "quantize", "quantize_requested", "precision", "threads", "compile",
+    "engine", "strategy", "quantize", "quantize_requested", "precision", "threads", "compile",
     "prompt_tokens", "gen_tokens", "test", "error", "interrupted", "load_s",
     "pp_tokens_per_s", "tg_tokens_per_s", "time_to_first_token_s", "decode_steps",
-    "peak_memory_bytes", "baseline_memory_bytes", "weight_bytes", "bytes_per_token",
+    "peak_memory_bytes", "baseline_memory_bytes", "rank_memory", "weight_bytes", "bytes_per_token",
     "bandwidth_gbs", "bandwidth_share", "perplexity", "vs",
 }
 

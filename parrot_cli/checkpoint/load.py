@@ -9,11 +9,16 @@ load-time quantization spec each block's float Linears are quantized as the bloc
 assigned, through the same constructors. The mapped pages of weights already copied are
 handed back to the OS: peak memory holds the quantized model plus one block in float,
 never the whole model in float.
+
+A multi-device rank passes a `Shard` (its part of the model, `parrot_cli/distributed/`):
+it builds the model with the rank's head counts, reads only the tensors the rank holds,
+and keeps only its rows or columns of each, sliced before anything is cast or packed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import re
 import sys
@@ -35,10 +40,41 @@ from parrot_cli.quantize.apply import (
     stored_module,
     targets,
 )
+from parrot_cli.quantize.format import QuantizedWeight
 from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
 
 # The tensor names of one stored quantized module (format.QuantizedWeight.tensors).
 QUANTIZED_TENSORS = ("qweight", "scales", "zeros", "qzeros", "perm")
+
+
+class Shard:
+    """What one process holds of the model: here all of it. Multi-device strategies
+    (`parrot_cli/distributed/`) subclass it; `build_model` asks it, in this order, which
+    config to build, which tensors to read, what part of each to keep, and how to put a
+    block's tensors into the module."""
+
+    def config(self, config: Config) -> Config:
+        """The config this process builds (tensor parallel: its share of the heads)."""
+        return config
+
+    def holds(self, name: str) -> bool:
+        """Whether this process reads tensor (or quantized module) `name` at all."""
+        return True
+
+    def take(self, name: str, value: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+        """This process's part of tensor `name` (or of the quantized weight of module
+        `name` + ".weight"), still in the checkpoint's dtype."""
+        return value
+
+    def prepare(self, model: GPT, device: torch.device) -> None:
+        """Called on the meta-device model before any weight is assigned."""
+
+    def assign(self, model: GPT, tensors: dict[str, torch.Tensor]) -> None:
+        """Put one block's float tensors (cast and moved) into the model."""
+        model.load_state_dict(tensors, strict=False, assign=True)
+
+
+WHOLE = Shard()
 
 
 def build_model(
@@ -48,14 +84,16 @@ def build_model(
     dtype: torch.dtype,
     quantize: QuantSpec | None = None,
     stored: QuantizationConfig | None = None,
+    shard: Shard = WHOLE,
 ) -> GPT:
     """Build on the meta device, then assign the memory-mapped weights (cast and moved)
     one block at a time: no random initialisation, no second copy when dtype and device
     already match. Modules `stored` (the checkpoint's quantization config, read here when
     not given) holds quantized are packed for the device from their codes; `quantize`
-    replaces the float Linears it targets as their block is loaded."""
+    replaces the float Linears it targets as their block is loaded. `shard` says what part
+    of the model this process holds (all of it by default)."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(shard.config(config))
     state = load_weights(checkpoint_dir)
     if stored is None:
         stored = read_quantization_config(checkpoint_dir)
@@ -70,10 +108,13 @@ def build_model(
             quantized.discard(HEAD)  # the head already runs on the embedding's codes
         else:
             state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
+    state = {k: v for k, v in state.items() if shard.holds(k)}
+    shard.prepare(model, device)
     release = _PageRelease(weight_files(checkpoint_dir))
     try:
         for part in _by_block(state):
-            held = {t.data_ptr() for t in _assign(model, part, quantized, quantize, held_quantized, device, dtype)}
+            kept = _assign(model, part, quantized, quantize, held_quantized, device, dtype, shard)
+            held = {t.data_ptr() for t in kept}
             release(t for t in part.values() if t.data_ptr() not in held)
     except torch.OutOfMemoryError as err:
         raise OutOfMemoryError(f"Out of memory loading {checkpoint_dir} onto {device}.") from err
@@ -81,9 +122,9 @@ def build_model(
         raise CheckpointError(f"{checkpoint_dir} has weights of the wrong shape ({err}).") from err
     if HEAD in held_quantized:
         pass  # the checkpoint stores the head's own quantized copy (`parrot quantize --quantize-head`)
-    elif tied_quantized:
+    elif tied_quantized and shard.holds(EMBEDDING):
         model.lm_head = model.transformer.wte.tied_head()
-    elif config.tie_embeddings and HEAD not in quantized:
+    elif config.tie_embeddings and HEAD not in quantized and model.lm_head.weight is not model.transformer.wte.weight:
         model.lm_head.weight = model.transformer.wte.weight
     model.rope.build(1, device)
     return model.eval().requires_grad_(False)
@@ -137,33 +178,38 @@ def _assign(
     held_quantized: dict[str, dict],
     device: torch.device,
     dtype: torch.dtype,
+    shard: Shard = WHOLE,
 ) -> list[torch.Tensor]:
     """Assign one block's float tensors, build its stored-quantized modules and quantize
-    its targeted Linears; returns the tensors the model now holds (pages of the others
-    can go back to the OS)."""
+    its targeted Linears, each cut to `shard`'s part first; returns the tensors the model
+    now holds (pages of the others can go back to the OS)."""
     owners = {name: name.rpartition(".")[0] for name in part}
     special = quantized | set(held_quantized)
+
+    def bias_of(owner: str) -> torch.Tensor | None:
+        bias = part.get(owner + ".bias")
+        return None if bias is None else shard.take(owner + ".bias", bias).to(device, dtype)
+
     floats = {
-        name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        name: shard.take(name, tensor).to(device=device, dtype=dtype if tensor.is_floating_point() else None)
         for name, tensor in part.items()
         if owners[name] not in special
     }
-    model.load_state_dict(floats, strict=False, assign=True)
+    shard.assign(model, floats)
     kept = list(floats.values())
     for owner in sorted(set(owners.values()) & set(held_quantized)):
-        bias = part.get(owner + ".bias")
-        bias = None if bias is None else bias.to(device, dtype)
-        module = stored_module(owner, part, held_quantized[owner], bias, device, dtype)
+        select = functools.partial(shard.take, owner + ".weight")
+        module = stored_module(owner, part, held_quantized[owner], bias_of(owner), device, dtype, select)
         replace(model, owner, module)
         kept += list(module.buffers())
     for owner in sorted(set(owners.values()) & quantized):
         linear = model.get_submodule(owner)
         weight = part[owner + ".weight"]
-        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+        select = functools.partial(shard.take, owner + ".weight")
+        module = quantize_linear(spec, weight.to(device), bias_of(owner), dtype, select)
+        if (module.out_features, module.in_features) != (linear.out_features, linear.in_features):
             raise RuntimeError(f"{owner}.weight is {tuple(weight.shape)}")
-        bias = part.get(owner + ".bias")
-        bias = None if bias is None else bias.to(device)
-        replace(model, owner, quantize_linear(spec, weight.to(device), bias, dtype))
+        replace(model, owner, module)
     return kept
 
 

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from parrot_cli import __version__
-from parrot_cli.cli import bench, chat, convert, download, generate, manage, quantize
+from parrot_cli.cli import bench, chat, convert, download, estimate, generate, manage, quantize
 from parrot_cli.cli.common import print_error
 from parrot_cli.errors import ParrotError, UsageError
 
@@ -37,6 +37,7 @@ app.command("convert")(convert.convert)
 app.command("generate")(generate.generate)
 app.command("chat")(chat.chat)
 app.command("download")(download.download)
+app.command("estimate")(estimate.estimate)
 app.command("list")(manage.list_checkpoints)
 app.command("rm")(manage.remove)
 app.add_typer(quantize.app, name="quantize")

@@ -9,48 +9,27 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from parrot_cli.cli.common import (
-    CheckpointDir,
-    Device,
-    MaxSeqLength,
-    ModelName,
-    console,
-    help_of,
-    model_choice,
-)
+from parrot_cli.cli.common import ModelOptions, console, model_choice, positive_int
+from parrot_cli.cli.options import SWEEP_PANEL, Option, shared
 from parrot_cli.errors import UsageError
-from parrot_cli.settings import PRECISIONS, SETTINGS
 
-T = TypeVar("T")
-SWEEP = "Sweep (comma-separated values: every combination runs)"
 OUTPUT = "Output"
 
 
+@shared(sweep=True)
 def bench(
-    checkpoint_dir: CheckpointDir = None,
-    model: ModelName = None,
-    device: Device = None,
-    max_seq_length: MaxSeqLength = None,
-    quantize: Annotated[
-        str | None, typer.Option(help=help_of("quantize") + " 'none' = unquantized.", rich_help_panel=SWEEP)
-    ] = None,
-    precision: Annotated[str | None, typer.Option(help=help_of("precision"), rich_help_panel=SWEEP)] = None,
     prompt_tokens: Annotated[
-        str, typer.Option("--prompt-tokens", "-p", help="Prompt length (pp).", rich_help_panel=SWEEP)
+        str, typer.Option("--prompt-tokens", "-p", help="Prompt length (pp).", rich_help_panel=SWEEP_PANEL)
     ] = "512",
     gen_tokens: Annotated[
-        str, typer.Option("--gen-tokens", "-n", help="Decode steps (tg), EOS ignored.", rich_help_panel=SWEEP)
+        str, typer.Option("--gen-tokens", "-n", help="Decode steps (tg), EOS ignored.", rich_help_panel=SWEEP_PANEL)
     ] = "128",
-    threads: Annotated[str | None, typer.Option(help=help_of("threads"), rich_help_panel=SWEEP)] = None,
-    compile: Annotated[
-        str | None, typer.Option(help="Compile with torch.compile: on, off or off,on.", rich_help_panel=SWEEP)
-    ] = None,
     repetitions: Annotated[
         int, typer.Option("--repetitions", "-r", help="Timed runs per configuration, after one warm-up.")
     ] = 5,
@@ -68,40 +47,47 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with every sample.", rich_help_panel=OUTPUT)] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV, one row per configuration.", rich_help_panel=OUTPUT)] = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a markdown table.", rich_help_panel=OUTPUT)] = False,
+    *,
+    load: ModelOptions,
 ) -> None:
-    """Measure load time, prompt and generation speed, time to first token, peak memory,
-    bandwidth use and perplexity; comma-separated values sweep every combination."""
+    """Measure load time, prompt and generation speed, time to first token, peak memory (of
+    every rank), bandwidth use and perplexity; comma-separated values sweep every combination
+    (e.g. --strategy none,tp,sequential --devices 2 compares one device with two)."""
     if as_json + as_csv + as_markdown > 1:
         raise UsageError("Choose at most one of --json, --csv and --markdown.")
     if repetitions < 1:
         raise UsageError("--repetitions must be at least 1.")
-    sweeps = {
-        "quantize": parse_sweep("--quantize", quantize, str, "a quantize mode"),
-        "precision": parse_sweep("--precision", precision, _precision, f"one of {', '.join(PRECISIONS)}"),
-        "prompt_tokens": parse_sweep("--prompt-tokens", prompt_tokens, _positive, "a whole number >= 1"),
-        "gen_tokens": parse_sweep("--gen-tokens", gen_tokens, _positive, "a whole number >= 1"),
-        "threads": parse_sweep("--threads", threads, _positive, "a whole number >= 1"),
-        "compile": parse_sweep("--compile", compile, SETTINGS["compile"].parse, "on or off"),
-    }
+    count = Option("prompt_tokens", str, "", "", sweep=positive_int, sweep_what="a whole number >= 1")
+    prompts = count.parse_sweep(prompt_tokens)
+    gens = replace(count, name="gen_tokens").parse_sweep(gen_tokens)
     peers = [p.strip() for item in vs or [] for p in item.split(",")]
     ppl_text = _read_text(ppl) if ppl is not None else None
 
     from parrot_cli.bench import BenchRun, make_plan
 
     plan = make_plan(
-        model_choice(checkpoint_dir, model),
-        device=device or "auto",
-        quantize=sweeps["quantize"],
-        precision=sweeps["precision"],
-        prompt_tokens=sweeps["prompt_tokens"],
-        gen_tokens=sweeps["gen_tokens"],
-        threads=sweeps["threads"],
-        compile=[bool(c) for c in sweeps["compile"]] if compile is not None else [False],
+        model_choice(load.checkpoint_dir, load.model),
+        device=load.device or "auto",
+        quantize=load.quantize,
+        precision=load.precision,
+        prompt_tokens=prompts,
+        gen_tokens=gens,
+        threads=load.threads,
+        compile=[bool(c) for c in load.compile] if load.compile != [None] else [False],
+        strategy=load.strategy,
         vs=list(dict.fromkeys(peers)),
         repetitions=repetitions,
         ppl_text=ppl_text,
-        max_seq_length=max_seq_length,
+        max_seq_length=load.max_seq_length,
         bandwidth_gbs=bandwidth,
+        load_options={
+            "group_size": load.group_size,
+            "quantize_head": load.quantize_head,
+            "devices": load.devices,
+            "cpu_offload": load.cpu_offload,
+            "dist_backend": load.dist_backend,
+            "dist_timeout": load.dist_timeout,
+        },
     )
     run = BenchRun(plan)
     interrupted = _run_with_progress(run)
@@ -123,37 +109,6 @@ def bench(
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def parse_sweep(option: str, text: str | None, parse: Callable[[str], T], what: str) -> list[T | None]:
-    """'a,b,c' -> parsed values in order, duplicates dropped; no option -> [None]
-    (the setting resolves as usual). Any bad item is a one-sentence usage error."""
-    if text is None:
-        return [None]
-    values: list[T | None] = []
-    for item in (i.strip() for i in text.split(",")):
-        if not item:
-            raise UsageError(f"{option} {text!r} has an empty value; separate values with single commas.")
-        try:
-            value = parse(item)
-        except (TypeError, ValueError):
-            raise UsageError(f"{option} got {item!r}; each value must be {what}.") from None
-        if value not in values:
-            values.append(value)
-    return values
-
-
-def _positive(item: str) -> int:
-    value = int(item)
-    if value < 1:
-        raise ValueError(item)
-    return value
-
-
-def _precision(item: str) -> str:
-    if item not in PRECISIONS:
-        raise ValueError(item)
-    return item
 
 
 def _read_text(path: Path) -> str:
@@ -207,7 +162,7 @@ def _debug_traceback(err: BaseException) -> None:
 
 # --------------------------------------------------------------------------- rendering
 
-KEYS = ("engine", "quantize", "precision", "threads", "compile", "test")
+KEYS = ("engine", "strategy", "quantize", "precision", "threads", "compile", "test")
 
 
 def _fmt(fig: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
@@ -230,6 +185,7 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     share = f" ({row['bandwidth_share']:.0%})" if row["bandwidth_share"] is not None else ""
     cells = {
         "engine": row["engine"],
+        "strategy": row["strategy"] or "none",
         "quantize": row["quantize"] or "none",
         "precision": row["precision"] or "—",
         "threads": str(row["threads"] or "—"),
@@ -239,8 +195,10 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
         "pp t/s": _fmt(row["pp_tokens_per_s"]),
         "tg t/s": _fmt(row["tg_tokens_per_s"]),
         "TTFT ms": _fmt(row["time_to_first_token_s"], 1000),
-        # The process peak, and what it rose above the memory held before loading.
-        "peak mem (+load)": _bytes(row["peak_memory_bytes"]) + (
+        # The process peak, and what it rose above the memory held before loading; with a
+        # strategy, every rank's peak (rank 0 is this process).
+        "peak mem (+load)": " / ".join(_bytes(r["peak_memory_bytes"]) for r in row["rank_memory"])
+        if row["rank_memory"] else _bytes(row["peak_memory_bytes"]) + (
             f" (+{_bytes(row['peak_memory_bytes'] - row['baseline_memory_bytes'])})"
             if row["peak_memory_bytes"] and row["baseline_memory_bytes"] else ""
         ),

@@ -24,29 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from parrot_cli.cli.common import (
-    CheckpointDir,
-    Compile,
-    Device,
-    GroupSize,
-    MaxNewTokens,
-    MaxSeqLength,
-    MinP,
-    ModelName,
-    Precision,
-    Quantize,
-    QuantizeHead,
-    RepetitionPenalty,
-    Seed,
-    Temperature,
-    Threads,
-    TopK,
-    TopP,
+    ModelOptions,
+    SamplingOptions,
     console,
     load_llm,
-    model_choice,
+    memory_line,
     print_error,
     utf8_stdout,
 )
+from parrot_cli.cli.options import shared
 from parrot_cli.errors import ParrotError, UsageError
 
 if TYPE_CHECKING:
@@ -66,9 +52,8 @@ def _complete_style(incomplete: str) -> list[str]:
     return [s for s in STYLE_NAMES if s.startswith(incomplete)]
 
 
+@shared()
 def chat(
-    checkpoint_dir: CheckpointDir = None,
-    model: ModelName = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
     prompt_style: Annotated[
         str | None,
@@ -84,47 +69,15 @@ def chat(
     multiline: Annotated[
         bool, typer.Option("--multiline", help="Piped input: the whole input is one message, not one per line.")
     ] = False,
-    max_new_tokens: MaxNewTokens = None,
-    temperature: Temperature = None,
-    top_k: TopK = None,
-    top_p: TopP = None,
-    min_p: MinP = None,
-    repetition_penalty: RepetitionPenalty = None,
-    seed: Seed = None,
-    max_seq_length: MaxSeqLength = None,
-    precision: Precision = None,
-    device: Device = None,
-    threads: Threads = None,
-    compile: Compile = None,
-    quantize: Quantize = None,
-    group_size: GroupSize = None,
-    quantize_head: QuantizeHead = None,
+    *,
+    load: ModelOptions,
+    sampling: SamplingOptions,
 ) -> None:
     """Chat with a model: a multi-turn REPL (/help lists its commands); piped stdin is read as messages."""
     from parrot_cli.chat import ChatSession
     from parrot_cli.settings import Settings
 
-    sampling = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "seed": seed,
-    }
-    llm = load_llm(
-        model=model_choice(checkpoint_dir, model),
-        device=device or "auto",
-        precision=precision,
-        max_seq_length=max_seq_length,
-        compile=bool(compile),
-        threads=threads,
-        quantize=quantize,
-        group_size=group_size,
-        quantize_head=quantize_head,
-        settings=Settings(flags=sampling),
-    )
+    llm = load_llm(**load.load_kwargs(), settings=Settings(flags=sampling.values()))
     session = ChatSession(llm, system=system, prompt_style=prompt_style)
     session.llm.sampling()  # a bad --temperature etc. is a usage error now, not at the first reply
     if not sys.stdin.isatty():
@@ -566,7 +519,8 @@ class Repl:
             f"{t.replies} replies, {t.generated} tokens generated ({speed:.1f} tokens/s overall); "
             f"prompt tokens prefilled {t.prefilled}, reused from the KV cache {t.reused}, "
             f"recomputed after edits {t.rewound}; exchanges dropped {t.dropped}; "
-            f"time to first token: {first}; context {self.session.context_used}/{self.session.context_limit}."
+            f"time to first token: {first}; context {self.session.context_used}/{self.session.context_limit}; "
+            f"memory {memory_line(self.session.llm)}."
         )
         return False
 

@@ -9,13 +9,14 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Any, TextIO
 
-import typer
 from rich.console import Console
 from rich.markup import escape
 
+from parrot_cli.cli.options import Option, group
 from parrot_cli.errors import ParrotError, UsageError
 from parrot_cli.settings import PRECISIONS, SETTINGS
 
@@ -32,6 +33,13 @@ def print_error(err: BaseException | str) -> int:
     if debug:
         traceback.print_exception(err, file=sys.stderr)
     code = 1
+    from parrot_cli.distributed.layout import is_secondary_rank, torchrun_launch
+
+    if is_secondary_rank():  # a torchrun rank: rank 0 reports what every rank sees alike
+        if isinstance(err, UsageError) or getattr(err, "quiet", False):
+            return err.exit_code
+        console.print(f"[bold red]Error:[/] rank {torchrun_launch().rank}: {escape(str(err))}", soft_wrap=True)
+        return err.exit_code if isinstance(err, ParrotError) else 1
     if isinstance(err, ParrotError):
         message, code = str(err), err.exit_code
     elif _is_oom(err):
@@ -73,38 +81,38 @@ def help_of(name: str) -> str:
     return f"{setting.help} [dim]\\[default: {setting.default}][/]"
 
 
-CheckpointDir = Annotated[
-    Path | None,
-    typer.Option("--checkpoint-dir", help="Checkpoint directory to load.", rich_help_panel="Model"),
-]
-ModelName = Annotated[
-    str | None,
-    typer.Option(
-        "--model", "-m",
-        help="Model name, alias or path (default: the configured default model).",
-        autocompletion=_complete_models,
-        rich_help_panel="Model",
-    ),
-]
-Precision = Annotated[
-    str | None,
-    typer.Option(help=help_of("precision"), autocompletion=_complete_precision, rich_help_panel="Model"),
-]
-Device = Annotated[
-    str | None,
-    typer.Option(help=help_of("device"), autocompletion=_complete_device, rich_help_panel="Model"),
-]
-Threads = Annotated[int | None, typer.Option(help=help_of("threads"), rich_help_panel="Model")]
-Compile = Annotated[
-    bool | None, typer.Option("--compile/--no-compile", help=help_of("compile"), rich_help_panel="Model")
-]
-MaxSeqLength = Annotated[int | None, typer.Option(help=help_of("max_seq_length"), rich_help_panel="Model")]
-
-
 def _complete_quantize(incomplete: str) -> list[str]:
     from parrot_cli.quantize import ALIASES, MODES
 
     return [m for m in ("none", *MODES, *ALIASES) if m.startswith(incomplete)]
+
+
+def _complete_strategy(incomplete: str) -> list[str]:
+    return [s for s in ("none", "tp", "sequential", "fsdp") if s.startswith(incomplete)]
+
+
+def _complete_backend(incomplete: str) -> list[str]:
+    return [b for b in ("auto", "gloo", "nccl") if b.startswith(incomplete)]
+
+
+def positive_int(item: str) -> int:
+    """A sweep item that must be a whole number >= 1."""
+    value = int(item)
+    if value < 1:
+        raise ValueError(item)
+    return value
+
+
+def _precision(item: str) -> str:
+    if item not in PRECISIONS:
+        raise ValueError(item)
+    return item
+
+
+def _strategy(item: str) -> str:
+    from parrot_cli.distributed.layout import resolve_strategy
+
+    return resolve_strategy(item) or "none"
 
 
 QUANTIZED_WHAT = (
@@ -112,31 +120,115 @@ QUANTIZED_WHAT = (
     "working precision, and so does lm_head unless --quantize-head. int8/int4 compute in bf16. "
     "A quantized checkpoint (a GGUF import, `parrot quantize`) loads as stored, with no flag."
 )
-Quantize = Annotated[
-    str | None,
-    typer.Option(
-        help=f"{help_of('quantize')} {QUANTIZED_WHAT}",
-        autocompletion=_complete_quantize,
-        rich_help_panel="Model",
-    ),
-]
-GroupSize = Annotated[int | None, typer.Option(help=help_of("group_size"), rich_help_panel="Model")]
-QuantizeHead = Annotated[
-    bool | None,
-    typer.Option("--quantize-head/--no-quantize-head", help=help_of("quantize_head"), rich_help_panel="Model"),
-]
+MODEL_PANEL, DEVICES_PANEL, SAMPLING_PANEL = "Model", "Multi-device", "Sampling"
 
-# Sampling options, shared by every command that generates (defaults from settings.SETTINGS).
-SAMPLING_PANEL = "Sampling"
-MaxNewTokens = Annotated[int | None, typer.Option(help=help_of("max_new_tokens"), rich_help_panel=SAMPLING_PANEL)]
-Temperature = Annotated[float | None, typer.Option(help=help_of("temperature"), rich_help_panel=SAMPLING_PANEL)]
-TopK = Annotated[int | None, typer.Option(help=help_of("top_k"), rich_help_panel=SAMPLING_PANEL)]
-TopP = Annotated[float | None, typer.Option(help=help_of("top_p"), rich_help_panel=SAMPLING_PANEL)]
-MinP = Annotated[float | None, typer.Option(help=help_of("min_p"), rich_help_panel=SAMPLING_PANEL)]
-RepetitionPenalty = Annotated[
-    float | None, typer.Option(help=help_of("repetition_penalty"), rich_help_panel=SAMPLING_PANEL)
-]
-Seed = Annotated[int | None, typer.Option(help=help_of("seed"), rich_help_panel=SAMPLING_PANEL)]
+# The options of every command that loads a model (generate, chat, bench), declared once.
+# Defaults and help come from settings.SETTINGS; a value left out resolves there.
+MODEL_OPTIONS = (
+    Option("checkpoint_dir", Path | None, "Checkpoint directory to load.", MODEL_PANEL, ("--checkpoint-dir",)),
+    Option("model", str | None, "Model name, alias or path (default: the configured default model).",
+           MODEL_PANEL, ("--model", "-m"), _complete_models),
+    Option("precision", str | None, help_of("precision"), MODEL_PANEL, complete=_complete_precision,
+           sweep=_precision, sweep_what=f"one of {', '.join(PRECISIONS)}"),
+    Option("device", str | None, help_of("device"), MODEL_PANEL, complete=_complete_device),
+    Option("threads", int | None, help_of("threads"), MODEL_PANEL, sweep=positive_int,
+           sweep_what="a whole number >= 1"),
+    Option("compile", bool | None, help_of("compile"), MODEL_PANEL, ("--compile/--no-compile",),
+           sweep=SETTINGS["compile"].parse, sweep_what="on or off"),
+    Option("max_seq_length", int | None, help_of("max_seq_length"), MODEL_PANEL),
+    Option("quantize", str | None, f"{help_of('quantize')} {QUANTIZED_WHAT}", MODEL_PANEL,
+           complete=_complete_quantize, sweep=str, sweep_what="a quantize mode"),
+    Option("group_size", int | None, help_of("group_size"), MODEL_PANEL),
+    Option("quantize_head", bool | None, help_of("quantize_head"), MODEL_PANEL, ("--quantize-head/--no-quantize-head",)),
+    Option("strategy", str | None, help_of("strategy"), DEVICES_PANEL, complete=_complete_strategy,
+           sweep=_strategy, sweep_what="none, tp, sequential or fsdp"),
+    Option("devices", int | None, help_of("devices"), DEVICES_PANEL),
+    Option("cpu_offload", bool | None, help_of("cpu_offload"), DEVICES_PANEL, ("--cpu-offload/--no-cpu-offload",)),
+    Option("dist_backend", str | None, help_of("dist_backend"), DEVICES_PANEL, complete=_complete_backend),
+    Option("dist_timeout", float | None, help_of("dist_timeout"), DEVICES_PANEL),
+)
+
+# The sampling options of every command that generates (generate, chat), declared once.
+SAMPLING_OPTIONS = tuple(
+    Option(name, kind, help_of(name), SAMPLING_PANEL)
+    for name, kind in (
+        ("max_new_tokens", int | None),
+        ("temperature", float | None),
+        ("top_k", int | None),
+        ("top_p", float | None),
+        ("min_p", float | None),
+        ("repetition_penalty", float | None),
+        ("seed", int | None),
+    )
+)
+
+
+@group(*MODEL_OPTIONS)
+@dataclass
+class ModelOptions:
+    """Which model to load and how (a command parameter of this type receives them)."""
+
+    checkpoint_dir: Any
+    model: Any
+    precision: Any
+    device: Any
+    threads: Any
+    compile: Any
+    max_seq_length: Any
+    quantize: Any
+    group_size: Any
+    quantize_head: Any
+    strategy: Any
+    devices: Any
+    cpu_offload: Any
+    dist_backend: Any
+    dist_timeout: Any
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keywords of `LLM.load` (unset values resolve in the settings)."""
+        return {
+            "model": model_choice(self.checkpoint_dir, self.model),
+            "device": self.device or "auto",
+            "precision": self.precision,
+            "max_seq_length": self.max_seq_length,
+            "compile": bool(self.compile),
+            "threads": self.threads,
+            "quantize": self.quantize,
+            "group_size": self.group_size,
+            "quantize_head": self.quantize_head,
+            "strategy": self.strategy,
+            "devices": self.devices,
+            "cpu_offload": self.cpu_offload,
+            "dist_backend": self.dist_backend,
+            "dist_timeout": self.dist_timeout,
+        }
+
+
+@group(*SAMPLING_OPTIONS)
+@dataclass
+class SamplingOptions:
+    """How to sample (a command parameter of this type receives them)."""
+
+    max_new_tokens: Any
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    min_p: Any
+    repetition_penalty: Any
+    seed: Any
+
+    def values(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+_BY_NAME = {o.name: o for o in MODEL_OPTIONS + SAMPLING_OPTIONS}
+# Single options as Annotated types, for a command that takes one without the group.
+CheckpointDir = _BY_NAME["checkpoint_dir"].annotated()
+ModelName = _BY_NAME["model"].annotated()
+Device = _BY_NAME["device"].annotated()
+Precision = _BY_NAME["precision"].annotated()
+Threads = _BY_NAME["threads"].annotated()
+MaxSeqLength = _BY_NAME["max_seq_length"].annotated()
 
 
 def model_choice(checkpoint_dir: Path | None, model: str | None) -> str | None:
@@ -149,10 +241,15 @@ def model_choice(checkpoint_dir: Path | None, model: str | None) -> str | None:
 def load_llm(**kwargs: Any):
     """LLM.load with notices printed dimmed on stderr (torch is imported here, not before)."""
     from parrot_cli.api import LLM
+    from parrot_cli.distributed.layout import is_secondary_rank
 
+    if is_secondary_rank():
+        return LLM.load(**kwargs)  # serves rank 0, then ends the process
     with console.status("Loading model…", spinner="dots"):
         llm = LLM.load(**kwargs)
     llm.notify = lambda message: console.print(f"[dim]{message}[/]")
+    for note in llm.notes:
+        llm.notify(note)
     return llm
 
 
@@ -181,3 +278,24 @@ def utf8_stdout() -> TextIO:
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(encoding="utf-8")
     return sys.stdout
+
+
+def memory_line(llm) -> str:
+    """Peak memory and weights: of this process, or of every rank of a multi-device model."""
+    ranks = llm.memory_by_rank()
+    kind = weights_kind(llm)
+    if len(ranks) == 1:
+        r = ranks[0]
+        return f"{r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f} GB, {kind})"
+    each = ", ".join(
+        f"rank {r['rank']} {r['peak_memory_bytes'] / 1e9:.02f} GB (weights {r['weight_bytes'] / 1e9:.02f})"
+        for r in ranks
+    )
+    return f"{each}; {kind}, {llm.layout.describe()}"
+
+
+def weights_kind(llm) -> str:
+    """What the weight memory holds: the quantization mode, or the working precision."""
+    if llm.stored_quantization is not None:
+        return llm.stored_quantization.summary()
+    return llm.quantization.describe() if llm.quantization else llm.precision

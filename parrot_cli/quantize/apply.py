@@ -8,10 +8,16 @@ the checkpoint's dtype), so at most one block is ever held in float.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 from parrot_cli.quantize import QuantSpec
+
+# Keeps a part of a weight (a float tensor or a format.QuantizedWeight): a shard's cut.
+Select = Callable[[Any], Any]
 
 BLOCKS = "transformer.h."
 HEAD = "lm_head"
@@ -34,23 +40,37 @@ def targets(model: nn.Module, spec: QuantSpec | None) -> set[str]:
 
 
 def quantize_linear(
-    spec: QuantSpec, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    spec: QuantSpec,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    select: Select | None = None,
 ) -> nn.Module:
     """The quantized replacement of one Linear. `weight` [N, K] is the float weight on the
-    target device; `dtype` the working precision (for the bias and what bnb computes in)."""
+    target device; `dtype` the working precision (for the bias and what bnb computes in).
+    `select` keeps a part of the weight (a tensor-parallel shard, already applied to
+    `bias`): int4/int8 quantize the whole weight and cut the codes, so a shard holds
+    exactly the values one device would; bitsandbytes quantizes the cut float weight."""
     if bias is not None:
         bias = bias.to(dtype)
     if spec.mode.family == "bnb":
         from parrot_cli.quantize.bnb import bnb_linear
 
-        module = bnb_linear(spec.mode.name, weight, bias, dtype)
+        module = bnb_linear(spec.mode.name, select(weight) if select else weight, bias, dtype)
     else:
-        from parrot_cli.quantize.weight_only import Int4Linear, Int8Linear
+        from parrot_cli.quantize.weight_only import (
+            Int4Linear,
+            Int8Linear,
+            quantize_int4,
+            quantize_int8,
+        )
 
         if spec.mode.name == "int8":
-            module = Int8Linear.from_float(weight, bias)
+            qw = quantize_int8(weight)
         else:
-            module = Int4Linear.from_float(weight, bias, spec.group_size)
+            qw = quantize_int4(weight, spec.group_size)
+        qw = select(qw) if select else qw
+        module = (Int8Linear if qw.bits == 8 else Int4Linear).from_quantized(qw, bias)
     module.quantization = spec.mode.name  # marks it for `quantized_layers`
     return module
 
@@ -62,15 +82,19 @@ def stored_module(
     bias: torch.Tensor | None,
     device: torch.device,
     dtype: torch.dtype,
+    select: Select | None = None,
 ) -> nn.Module:
     """The module for `name` that a quantized checkpoint stores in the portable layout
     (`quantize/format.py`), packed for `device`'s kernel: the embedding table stays in its
     codes (rows are dequantized as they are looked up), every Linear gets the int4 or int8
-    kernel. `dtype` is the working precision the embedding returns."""
+    kernel. `dtype` is the working precision the embedding returns; `select` keeps a part
+    of the weight (a tensor-parallel shard), cut before anything is packed."""
     from parrot_cli.quantize.format import QuantizedWeight
     from parrot_cli.quantize.weight_only import Int4Linear, Int8Linear, QuantizedEmbedding
 
     qw = QuantizedWeight.from_tensors(name, tensors, meta)
+    if select is not None:
+        qw = select(qw)
     if name == EMBEDDING:
         return QuantizedEmbedding(qw, dtype).to(device)
     module = (Int4Linear if qw.bits == 4 else Int8Linear).from_quantized(qw, bias, device)

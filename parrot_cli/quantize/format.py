@@ -173,10 +173,16 @@ class QuantizedWeight:
 
     def select_columns(self, start: int, end: int) -> QuantizedWeight:
         """Inputs [start, end) (a row-parallel shard); the cut must fall on group
-        boundaries, and act-order weights (inputs stored out of order) cannot be cut."""
+        boundaries, and act-order weights (inputs stored out of order) cannot be cut. With
+        one group per row (per-channel scales) any cut keeps the row's scale and zero."""
         g = self.group_size
         if self.perm is not None:
             raise ValueError("act-order weights cannot be split along their inputs")
+        if self.groups == 1:
+            if self.bits == 4 and (start % 2 or end % 2):
+                raise ValueError(f"int4 inputs {start}:{end} split a byte of two codes")
+            data = self.data[:, start // 2 : end // 2] if self.bits == 4 else self.data[:, start:end]
+            return replace(self, data=data)
         if start % g or end % g:
             raise ValueError(f"inputs {start}:{end} do not fall on groups of {g}")
         if self.bits == 4:
