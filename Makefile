@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # version pulls a multi-GB CUDA build. pyproject asks only for a range.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup install model demo test lint completions
+.PHONY: setup install model demo test lint completions fuzz
 
 setup: install model demo
 
@@ -32,6 +32,12 @@ test: install
 
 lint:
 	$(BIN)/ruff check parrot_cli tests
+
+# The long fuzz run (by hand, ~1-2 h on 2 cores): 10,000 random cases per reader of untrusted
+# files, under a 4 GiB address-space limit (CI runs a fast derandomized profile in tests/test_fuzz.py).
+# PARROT_FUZZ_EXAMPLES=N changes the count; the counts and outcomes per reader are printed at the end.
+fuzz: install
+	PARROT_FUZZ=long PARROT_FUZZ_REPORT=fuzz-report.json $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 # Regenerate the shipped shell completion scripts (a test fails when they drift).
 completions:

@@ -340,13 +340,22 @@ class LLM:
             min_p=s.get("min_p"),
             repetition_penalty=s.get("repetition_penalty"),
         )
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or not 0 <= params.min_p <= 1:
-            raise UsageError("temperature must be >= 0, top-p in (0, 1] and min-p in [0, 1].")
-        if params.repetition_penalty <= 0:
-            raise UsageError("repetition-penalty must be > 0.")
         max_new = s.get("max_new_tokens")
-        if max_new < 1:
-            raise UsageError("max-new-tokens must be at least 1.")
+        finite = math.isfinite
+        for name, ok, rule in (
+            ("temperature", finite(params.temperature) and params.temperature >= 0, "a number >= 0"),
+            ("top_p", finite(params.top_p) and 0 < params.top_p <= 1, "in (0, 1]"),
+            ("min_p", finite(params.min_p) and 0 <= params.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", finite(params.repetition_penalty) and params.repetition_penalty > 0, "a number > 0"),
+            ("top_k", params.top_k is None or params.top_k >= 0, "0 (no limit) or more"),
+            ("max_new_tokens", max_new >= 1, "at least 1"),
+        ):
+            if not ok:
+                if s.source(name) == "checkpoint":  # not the user's typo: the checkpoint's file
+                    raise CheckpointError(
+                        f"The checkpoint's generation_config.json sets {name} = {s.get(name)!r}; it must be {rule}."
+                    )
+                raise UsageError(f"{name.replace('_', '-')} must be {rule}, not {s.get(name)!r}.")
         return params, max_new, s.get("seed")
 
     def chat_style(self, prompt_style: str | None = None) -> PromptStyle:

@@ -137,7 +137,12 @@ def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any
     """The source's generation_config.json with eos_token_id normalised to a list."""
     data = read_json(source_dir / "generation_config.json") if source_dir is not None else {}
     eos = data.get("eos_token_id", config.eos_token_id)
-    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if not all(type(i) is int and 0 <= i < config.vocab_size for i in eos):
+        raise CheckpointError(
+            f"{source_dir / 'generation_config.json'} lists eos_token_id {data.get('eos_token_id')!r}; "
+            f"it must hold token ids below the vocabulary size {config.vocab_size}."
+        )
     for extra in config.eos_token_id:
         if extra not in eos:
             eos.append(extra)
@@ -156,7 +161,7 @@ def _convert_hf(
     known: KnownModel | None,
 ) -> Path:
     hf = read_hf_config(src_dir)
-    config = Config.from_hf(hf, name=known.name if known else target.name)
+    config = Config.from_hf(hf, name=known.name if known else target.name, where=str(src_dir / "config.json"))
     generation = _generation_config(src_dir, config)
     config.eos_token_id = generation["eos_token_id"]
     weights = open_hf_weights(src_dir)
@@ -173,7 +178,7 @@ def _convert_hf(
             },
         }
     )
-    tensors = _cast(convert_weights(config.family, hf, config, weights), dtype)
+    tensors = _cast(convert_weights(config.family, hf, config, weights, where=str(src_dir)), dtype)
     return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)
 
 
@@ -215,7 +220,7 @@ def _convert_gguf(
     from parrot_cli.checkpoint.gguf import read_gguf
 
     gguf = read_gguf(path)
-    config = Config.from_hf(gguf.hf_config, name=known.name if known else target.name)
+    config = Config.from_hf(gguf.hf_config, name=known.name if known else target.name, where=str(path))
     generation = dict(gguf.generation_config)
     config.eos_token_id = list(generation.get("eos_token_id") or config.eos_token_id)
     files: dict[str, Any] = {
@@ -232,5 +237,5 @@ def _convert_gguf(
         }
     )
     src = _OrderedGGUFTensors(gguf.tensors())
-    tensors = _cast(convert_weights("llama", gguf.hf_config, config, src), dtype)
+    tensors = _cast(convert_weights("llama", gguf.hf_config, config, src, where=str(path)), dtype)
     return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress)

@@ -13,7 +13,6 @@ Fused attention weights differ per family; each is re-laid out to parrot's [q; k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from parrot_cli.config import Config
-from parrot_cli.errors import CheckpointError
+from parrot_cli.errors import CheckpointError, is_out_of_memory
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -50,24 +49,21 @@ def read_hf_config(source_dir: Path) -> dict[str, Any]:
     path = Path(source_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{source_dir} has no config.json; is it a Hugging Face checkpoint?")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}).") from err
+    from parrot_cli.checkpoint.info import read_json
+
+    return read_json(path, required=True)
 
 
 def open_hf_weights(source_dir: Path) -> TensorSource:
     """Safetensors when present (preferred: no pickle), else .bin files via weights_only."""
+    from parrot_cli.checkpoint.info import shard_names
     from parrot_cli.checkpoint.store import load_safetensors
 
     d = Path(source_dir)
     st_files = sorted(d.glob("*.safetensors"))
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is corrupt ({err}).") from err
+        names = shard_names(index)
         missing = [n for n in names if not (d / n).is_file()]
         if missing:
             raise CheckpointError(f"{d} is incomplete: shard {missing[0]} is missing.")
@@ -95,10 +91,49 @@ def open_hf_weights(source_dir: Path) -> TensorSource:
 
 
 def convert_weights(
-    family: str, hf: dict[str, Any], config: Config, src: TensorSource
+    family: str, hf: dict[str, Any], config: Config, src: TensorSource, where: str = "The checkpoint"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (parrot name, tensor) in model order."""
-    yield from _MAPPERS[family](hf, config, src)
+    """Yield (parrot name, tensor) in model order, each checked against the config: the
+    shape its sizes give, a floating-point dtype, finite values. A config.json whose sizes
+    disagree with its weights fails here (one CheckpointError naming `where`), never as a
+    checkpoint that looks whole but cannot load."""
+    expected = expected_shapes(config)
+    mapped = _MAPPERS[family](hf, config, src)
+    while True:
+        try:
+            name, tensor = next(mapped)
+        except StopIteration:
+            return
+        except RuntimeError as err:  # a re-layout (reshape, cat) of a tensor of the wrong size
+            if is_out_of_memory(err):
+                raise
+            raise CheckpointError(
+                f"{where}: the weights do not match the config's sizes ({' '.join(str(err).split())})."
+            ) from err
+        want = expected.get(name)
+        if want is None:
+            raise CheckpointError(f"{where}: parrot made an unexpected tensor {name}.")
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"{where}: the weights do not match the config's sizes: {name} is {list(tensor.shape)}, "
+                f"but the config makes it {list(want)}."
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: {name} holds {tensor.dtype} values, not floating-point weights.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values.")
+        yield name, tensor
+
+
+def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model `config` describes (built on the meta device:
+    no memory; the config's bounds keep it quick). The tied head is not a tensor of its own."""
+    from parrot_cli.checkpoint.load import meta_model
+
+    shapes = {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 def _get_linear(src: TensorSource, prefix: str, bias: bool) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -264,12 +263,11 @@ class Hub:
             for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
                 self._fetch(plan, remote, progress)
                 if remote.name == "config.json" and check_architecture:
+                    from parrot_cli.checkpoint.info import read_json
                     from parrot_cli.config import Config
 
-                    try:
-                        Config.from_hf(json.loads((plan.directory / "config.json").read_text()))
-                    except ValueError as err:
-                        raise CheckpointError(f"{plan.repo_id}'s config.json is not valid JSON ({err}).") from err
+                    hf_config = read_json(plan.directory / "config.json", required=True)
+                    Config.from_hf(hf_config, where=f"{plan.repo_id}'s config.json")
         finally:  # http_get reads the constant at call time; restore it for other users
             constants.DOWNLOAD_CHUNK_SIZE = default_chunk
         shutil.rmtree(plan.directory / ".partial", ignore_errors=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parrot_cli.errors import CheckpointError
 from parrot_cli.quantize import QuantSpec
 
 BLOCKS = "transformer.h."
 HEAD = "lm_head"
 EMBEDDING = "transformer.wte"
+INT4_OUTPUT_MULTIPLE = 16  # torch's int4 weight packing takes row counts in multiples of 16
 
 
 def targets(model: nn.Module, spec: QuantSpec | None) -> set[str]:
@@ -73,6 +75,14 @@ def stored_module(
     qw = QuantizedWeight.from_tensors(name, tensors, meta)
     if name == EMBEDDING:
         return QuantizedEmbedding(qw, dtype).to(device)
+    if qw.bits == 4 and qw.out_features % INT4_OUTPUT_MULTIPLE:
+        # torch's int4 packing refuses such a matrix with a bare RuntimeError; say what is wrong.
+        raise CheckpointError(
+            f"The quantized weight {name} has {qw.out_features} outputs; torch's int4 kernel "
+            f"needs a multiple of {INT4_OUTPUT_MULTIPLE}."
+        )
+    if bias is not None and tuple(bias.shape) != (qw.out_features,):
+        raise CheckpointError(f"{name}.bias is {list(bias.shape)}, not [{qw.out_features}].")
     module = (Int4Linear if qw.bits == 4 else Int8Linear).from_quantized(qw, bias, device)
     module.quantization = meta.get("mode") or f"int{qw.bits}"
     return module
