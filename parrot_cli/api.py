@@ -27,6 +27,7 @@ from parrot_cli.errors import (
     NotSupportedError,
     OutOfMemoryError,
     UsageError,
+    is_out_of_memory,
 )
 from parrot_cli.generation import SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
@@ -34,6 +35,7 @@ from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
 from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
+from parrot_cli.resources import check_memory, human_bytes, memory_available
 from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
@@ -249,9 +251,21 @@ class LLM:
             if (checkpoint_dir / "tokenizer.json").is_file()
             else None
         )
-        gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
-        if can_pack(dev, dtype) and not settings.get("compile"):
-            pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
+        advice = "try --quantize int8 or int4, or a smaller model"
+        try:
+            gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
+            if can_pack(dev, dtype) and not settings.get("compile"):
+                # The packed copies are new memory (the mapped weights they replace are not).
+                linears = sum(m.weight.numel() for m in gpt.modules() if type(m) is torch.nn.Linear)
+                check_memory(linears * dtype.itemsize, f"Packing {checkpoint_dir.name}'s weights", advice)
+                pack_linears(gpt)  # inductor cannot lower packed weights; it packs its own
+        except (RuntimeError, MemoryError, OSError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise OutOfMemoryError(
+                f"Out of memory loading {checkpoint_dir.name} ({human_bytes(info.config.num_parameters() * dtype.itemsize)} "
+                f"of weights in {prec}; {human_bytes(memory_available())} available); {advice}."
+            ) from err
         fixed = settings.get("max_seq_length")
         if fixed is not None and not 0 < fixed <= info.config.block_size:
             raise UsageError(
@@ -309,6 +323,11 @@ class LLM:
         # Round up so that a slightly longer next prompt does not reallocate.
         length = self.fixed_max_seq_length or min(limit, max(256, 1 << math.ceil(math.log2(needed))))
         size = self.cache_bytes(length)
+        if self.device.type == "cpu":
+            # The old cache stays alive while its contents are copied over; the RoPE table
+            # (cos and sin, float32, for every position) comes with it.
+            rope = 2 * length * self.config.rope_n_elem * 4
+            check_memory(size + rope, f"A KV cache of {length} tokens", "lower --max-seq-length")
         if size >= CACHE_NOTICE_BYTES:
             self.notify(f"Allocating a {size / 1024**3:.1f} GiB KV cache for {length} tokens.")
         old = [block.attn.kv_cache for block in self.model.transformer.h]
@@ -321,7 +340,10 @@ class LLM:
                     kept = previous.k.size(2)
                     block.attn.kv_cache.k[:, :, :kept] = previous.k
                     block.attn.kv_cache.v[:, :, :kept] = previous.v
-        except torch.OutOfMemoryError as err:
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            self.model.clear_caches()
             raise OutOfMemoryError(
                 f"Out of memory allocating a KV cache of {length} tokens ({size / 1024**3:.1f} GiB); "
                 "lower --max-seq-length."

@@ -111,6 +111,14 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             _check_format(left)
         return super().call_binop(context, operator, left, right)
 
+    def wrap_str_format(self, value: Any) -> Any:
+        # jinja2 swaps `'...'.format` for its sandboxed formatter when the template reads
+        # the attribute: the format string is checked there, before any call.
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and getattr(value, "__name__", "") in ("format", "format_map"):
+            _check_format(owner)
+        return super().wrap_str_format(value)
+
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         # str.center(10**9), zfill, ljust, expandtabs, '{:>9999999}'.format(): one call,
         # one huge string. No chat template needs a size argument above MAX_SIZE.
@@ -118,9 +126,7 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
             _check_size(value, "an argument")
         name, owner = getattr(__obj, "__name__", ""), getattr(__obj, "__self__", None)
         if isinstance(owner, str):
-            if name in ("format", "format_map"):
-                _check_format(owner)
-            elif name == "join" and args:
+            if name == "join" and args:
                 _check_join(owner, args[0])
             elif name == "replace" and len(args) >= 2:
                 _check_replace(owner, *args[:2])

@@ -46,6 +46,10 @@ class OutOfMemoryError(ParrotError):
     """The device ran out of memory."""
 
 
+class DiskFullError(ParrotError):
+    """Not enough free disk space for a download or a checkpoint (the message has the numbers)."""
+
+
 class NotSupportedError(ParrotError):
     """A feature parrot does not implement yet (e.g. multi-device strategies)."""
 

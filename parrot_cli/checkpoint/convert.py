@@ -26,6 +26,7 @@ from parrot_cli.checkpoint.store import CheckpointWriter, Progress
 from parrot_cli.config import Config, KnownModel, find_known
 from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
+from parrot_cli.resources import check_disk, disk_full_error, is_disk_full
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,25 +113,38 @@ def _write(
     provenance: dict[str, Any],
     progress: Progress | None,
 ) -> Path:
-    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data."""
+    """Stream tensors into a new checkpoint; `files` maps name -> Path (copied) or data.
+
+    The space it needs is checked before anything is written (from the config's parameter
+    count in the first tensor's dtype); a disk that fills up anyway (something else wrote)
+    is one DiskFullError with the numbers, and the partial checkpoint is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with CheckpointWriter(target) as writer:
-        done = 0
-        for name, t in tensors:
-            writer.add_tensor(name, t)
-            done += 1
-            if progress:
-                progress(done, total, name)
-        if done != total:
-            raise CheckpointError(f"Expected {total} tensors, converted {done}.")
-        for name, content in files.items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, writer.partial / name)
-            elif isinstance(content, str):
-                writer.write_text(name, content)
-            else:
-                writer.write_json(name, content)
-        return writer.commit(config, provenance)
+    need = sum(c.stat().st_size if isinstance(c, Path) else len(str(c)) for c in files.values())
+    try:
+        with CheckpointWriter(target) as writer:
+            done = 0
+            for name, t in tensors:
+                if done == 0:  # the dtype it is written in is known now
+                    need += config.num_parameters() * t.element_size()
+                    check_disk(writer.partial, need, f"The checkpoint {target.name}")
+                writer.add_tensor(name, t)
+                done += 1
+                if progress:
+                    progress(done, total, name)
+            if done != total:
+                raise CheckpointError(f"Expected {total} tensors, converted {done}.")
+            for name, content in files.items():
+                if isinstance(content, Path):
+                    shutil.copyfile(content, writer.partial / name)
+                elif isinstance(content, str):
+                    writer.write_text(name, content)
+                else:
+                    writer.write_json(name, content)
+            return writer.commit(config, provenance)
+    except OSError as err:
+        if is_disk_full(err):  # the writer has removed the partial checkpoint
+            raise disk_full_error(target.parent, need, f"writing {target}") from err
+        raise
 
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:

@@ -13,6 +13,8 @@ Fused attention weights differ per family; each is re-laid out to parrot's [q; k
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,13 +80,40 @@ def open_hf_weights(source_dir: Path) -> TensorSource:
         raise CheckpointError(f"{d} has no weights (*.safetensors or pytorch_model*.bin).")
     tensors = {}
     for f in bin_files:
-        try:
-            # weights_only: a pickle can run code; this refuses anything but tensors.
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # torch raises many types for a bad pickle
-            raise CheckpointError(f"{f} could not be read safely ({type(err).__name__}).") from err
-        tensors.update(state)
+        tensors.update(load_pickled_weights(f))
     return TensorSource(tensors)
+
+
+def load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin`/`.pth` state dict, read only through `torch.load(weights_only=True)`: a
+    pickle is a program, and this refuses every one that would call anything but tensor
+    constructors (the payload never runs). Memory-mapped when the file is in torch's zip
+    format; pre-2020 (legacy) files are read into memory."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it would call {found[1]})" if found else ""
+        raise CheckpointError(
+            f"Refused to load {path}: it holds more than tensors{what}, and parrot loads pickles only "
+            "with torch.load(weights_only=True); use the model's safetensors files instead."
+        ) from err
+    except Exception as err:  # torch raises many types for a damaged file
+        if is_out_of_memory(err):
+            raise
+        raise CheckpointError(
+            f"{path} could not be read safely ({type(err).__name__}: {' '.join(str(err).split())[:200]})."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} is not a state dict of named tensors.")
+    return state
 
 
 # --------------------------------------------------------------------------- mapping

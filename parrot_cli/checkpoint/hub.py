@@ -19,7 +19,6 @@ huggingface_hub range whose `http_get` / `get_hf_file_metadata` signatures this 
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
 import os
@@ -33,8 +32,15 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from parrot_cli.checkpoint.info import hash_file, sha256_file
-from parrot_cli.errors import CheckpointError, ModelNotFoundError, ParrotError, UsageError
+from parrot_cli.errors import (  # noqa: F401 (DiskFullError: re-exported, raised here)
+    CheckpointError,
+    DiskFullError,
+    ModelNotFoundError,
+    ParrotError,
+    UsageError,
+)
 from parrot_cli.paths import cache_dir
+from parrot_cli.resources import disk_free, human_bytes, is_disk_full
 
 # The tokenizer files a conversion copies into the checkpoint (convert.py uses this list).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -60,10 +66,6 @@ class HubAccessError(HubError):
 
 class ChecksumMismatchError(CheckpointError):
     """A downloaded file's content does not match the hub's checksum; it was deleted."""
-
-
-class DiskFullError(ParrotError):
-    """Not enough free space for the download."""
 
 
 class DownloadProgress(Protocol):
@@ -261,7 +263,18 @@ class Hub:
         default_chunk, constants.DOWNLOAD_CHUNK_SIZE = constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES
         try:
             for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
-                self._fetch(plan, remote, progress)
+                try:
+                    self._fetch(plan, remote, progress)
+                except OSError as err:
+                    if not is_disk_full(err):
+                        raise
+                    raise DiskFullError(
+                        f"The disk filled up while downloading {remote.name} of {plan.repo_id}: "
+                        f"{human_bytes(self._still_needed(plan))} more is needed and "
+                        f"{human_bytes(disk_free(plan.directory))} is free; the part already fetched is "
+                        "kept, so free some space (or move the cache with PARROT_CACHE) and run the "
+                        "command again to resume."
+                    ) from err
                 if remote.name == "config.json" and check_architecture:
                     from parrot_cli.checkpoint.info import read_json
                     from parrot_cli.config import Config
@@ -307,11 +320,17 @@ class Hub:
         os.replace(partial, final)
         progress.file_done(remote.name)
 
-    def _check_space(self, plan: Plan) -> None:
+    @staticmethod
+    def _still_needed(plan: Plan) -> int:
+        """Bytes of the plan not yet on disk (partial downloads count as far as they got)."""
         need = 0
         for f in plan.missing():
             partial = plan.directory / ".partial" / f.name
             need += max((f.size or 0) - (partial.stat().st_size if partial.is_file() else 0), 0)
+        return need
+
+    def _check_space(self, plan: Plan) -> None:
+        need = self._still_needed(plan)
         free = shutil.disk_usage(plan.directory).free
         if need > free:
             raise DiskFullError(
@@ -412,11 +431,8 @@ class Hub:
                 f"The connection broke while fetching {what}; run the command again to resume."
             ) from err
         except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise DiskFullError(
-                    f"The disk filled up while downloading {what}; free some space and run the "
-                    f"command again (it resumes), or move the cache with PARROT_CACHE."
-                ) from err
+            if is_disk_full(err):
+                raise  # download() says how much space is still needed
             if "Consistency check failed" in str(err):
                 raise HubError(
                     f"The hub sent {what} short (connection cut); run the command again to resume."

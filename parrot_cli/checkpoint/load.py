@@ -37,6 +37,7 @@ from parrot_cli.quantize.apply import (
     targets,
 )
 from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
+from parrot_cli.resources import check_memory
 
 # The tensor names of one stored quantized module (format.QuantizedWeight.tensors).
 QUANTIZED_TENSORS = ("qweight", "scales", "zeros", "qzeros", "perm")
@@ -71,6 +72,17 @@ def build_model(
             quantized.discard(HEAD)  # the head already runs on the embedding's codes
         else:
             state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
+    if quantize is None:
+        # What loading allocates (tensors cast or moved; the rest stay memory-mapped),
+        # refused with the numbers before the first copy.
+        copies = sum(
+            t.numel() * dtype.itemsize
+            for t in state.values()
+            if t.is_floating_point() and (t.dtype != dtype or device.type != "cpu")
+        )
+        if device.type == "cpu" and copies:
+            check_memory(copies, f"Loading {checkpoint_dir.name} in {str(dtype).removeprefix('torch.')}",
+                         "try --quantize int8 or int4, or a smaller model")
     release = _PageRelease(weight_files(checkpoint_dir))
     try:
         for part in _by_block(state):
