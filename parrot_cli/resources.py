@@ -79,7 +79,7 @@ def check_disk(path: Path, need: int, what: str) -> None:
     free = disk_free(path)
     if need > free:
         raise DiskFullError(
-            f"{what} needs {human_bytes(need)} of disk space but {_mount(path)} has only "
+            f"{what} needs {human_bytes(need)} of disk space but {mount_of(path)} has only "
             f"{human_bytes(free)} free; free some space or choose another place."
         )
 
@@ -93,13 +93,13 @@ def is_disk_full(err: BaseException) -> bool:
 def disk_full_error(path: Path, need: int, what: str) -> DiskFullError:
     """The error for a write that ran out of space midway (everything written was removed)."""
     return DiskFullError(
-        f"The disk filled up while {what}: it needs {human_bytes(need)} in all and {_mount(path)} "
+        f"The disk filled up while {what}: it needs {human_bytes(need)} in all and {mount_of(path)} "
         f"has {human_bytes(disk_free(path))} free now; nothing was left half-written, free some "
         "space and run the command again."
     )
 
 
-def _mount(path: Path) -> str:
+def mount_of(path: Path) -> str:
     """The mount point holding `path`: the place to free space on."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:

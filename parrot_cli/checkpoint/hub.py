@@ -40,7 +40,7 @@ from parrot_cli.errors import (  # noqa: F401 (DiskFullError: re-exported, raise
     UsageError,
 )
 from parrot_cli.paths import cache_dir
-from parrot_cli.resources import disk_free, human_bytes, is_disk_full
+from parrot_cli.resources import disk_free, human_bytes, is_disk_full, mount_of
 
 # The tokenizer files a conversion copies into the checkpoint (convert.py uses this list).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -252,14 +252,17 @@ class Hub:
         *,
         progress: DownloadProgress | None = None,
         check_architecture: bool = True,
+        reserve: int = 0,
     ) -> Path:
         """Fetch every missing file of `plan` (config.json first: with `check_architecture`,
-        an unsupported architecture fails before any weight is transferred)."""
+        an unsupported architecture fails before any weight is transferred). `reserve` is
+        space the caller needs afterwards on the same disk (the converted checkpoint): the
+        space check counts it too, before anything is fetched."""
         from huggingface_hub import constants
 
         progress = progress or _Silent()
         plan.directory.mkdir(parents=True, exist_ok=True)
-        self._check_space(plan)
+        self._check_space(plan, reserve)
         default_chunk, constants.DOWNLOAD_CHUNK_SIZE = constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES
         try:
             for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
@@ -270,7 +273,7 @@ class Hub:
                         raise
                     raise DiskFullError(
                         f"The disk filled up while downloading {remote.name} of {plan.repo_id}: "
-                        f"{human_bytes(self._still_needed(plan))} more is needed and "
+                        f"{human_bytes(self._still_needed(plan) + reserve)} more is needed and "
                         f"{human_bytes(disk_free(plan.directory))} is free; the part already fetched is "
                         "kept, so free some space (or move the cache with PARROT_CACHE) and run the "
                         "command again to resume."
@@ -329,13 +332,14 @@ class Hub:
             need += max((f.size or 0) - (partial.stat().st_size if partial.is_file() else 0), 0)
         return need
 
-    def _check_space(self, plan: Plan) -> None:
-        need = self._still_needed(plan)
+    def _check_space(self, plan: Plan, reserve: int = 0) -> None:
+        fetch = self._still_needed(plan)
         free = shutil.disk_usage(plan.directory).free
-        if need > free:
+        if fetch + reserve > free:
+            parts = f" ({_gb(fetch)} to fetch, {_gb(reserve)} for the converted checkpoint)" if reserve else ""
             raise DiskFullError(
-                f"{plan.repo_id} needs {_gb(need)} more but {plan.directory.anchor or '/'} has only "
-                f"{_gb(free)} free; free some space or move the cache with PARROT_CACHE."
+                f"{plan.repo_id} needs {_gb(fetch + reserve)} more{parts} but {mount_of(plan.directory)} "
+                f"has only {_gb(free)} free; free some space or move the cache with PARROT_CACHE."
             )
 
     # ------------------------------------------------------------------ errors
