@@ -474,7 +474,10 @@ class Repl:
             self.term.reply(turn, raw=self.raw)
         except KeyboardInterrupt:
             turn.close()
-            self.term.note("Interrupted; the reply so far is kept (/undo drops it, /regen retries).")
+            if turn.text:
+                self.term.note("Interrupted; the reply so far is kept (/undo drops it, /regen retries).")
+            else:  # nothing came yet: the session dropped the message too (ChatSession._finish_turn)
+                self.term.note("Interrupted before the reply began; the message was dropped.")
         except ParrotError as err:
             turn.close()
             self.term.error(err)
