@@ -14,7 +14,7 @@ LOCK_FILE := constraints.txt
 LOCK ?= $(LOCK_FILE)
 PIN := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup install model demo test test-latest lock lint completions
+.PHONY: setup install model demo test test-latest lock lint completions fuzz
 
 setup: install model demo
 
@@ -69,6 +69,12 @@ lock:
 
 lint:
 	$(BIN)/ruff check parrot_cli tests
+
+# The long fuzz run (by hand, ~1-2 h on 2 cores): 10,000 random cases per reader of untrusted
+# files, under a 4 GiB address-space limit (CI runs a fast derandomized profile in tests/test_fuzz.py).
+# PARROT_FUZZ_EXAMPLES=N changes the count; the counts and outcomes per reader are printed at the end.
+fuzz: install
+	PARROT_FUZZ=long PARROT_FUZZ_REPORT=fuzz-report.json $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 # Regenerate the shipped shell completion scripts (a test fails when they drift).
 completions:

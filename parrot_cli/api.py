@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from parrot_cli.checkpoint.info import read_info, read_json
+from parrot_cli.checkpoint.info import CheckpointInfo, read_info, read_json
 from parrot_cli.checkpoint.load import build_model
 from parrot_cli.checkpoint.locate import locate
 from parrot_cli.config import Config
@@ -28,6 +28,7 @@ from parrot_cli.errors import (
     OutOfMemoryError,
     ParrotError,
     UsageError,
+    is_out_of_memory,
 )
 from parrot_cli.generation import ALONE, SamplingParams, generate_tokens
 from parrot_cli.kernels import can_pack, pack_linears
@@ -40,6 +41,7 @@ from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec, resolve_mode
 from parrot_cli.quantize import plan as plan_quantization
 from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
+from parrot_cli.resources import check_memory, human_bytes, memory_available
 from parrot_cli.settings import PRECISIONS, Settings
 from parrot_cli.tokenizer import IncrementalDecoder, StopMatcher, Tokenizer
 
@@ -309,17 +311,9 @@ class LLM:
             gpt, world, ranks = cls._load_part(request)
             dev = world.device
         else:
-            gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
-            # A fused native decode step where it applies (one call a token); otherwise
-            # torch's modules, with oneDNN-prepacked linears (inductor, under --compile,
-            # cannot lower packed weights: it packs its own).
-            if not settings.get("compile") and dev.type == "cpu" and native_library() is not None:
-                if dtype == torch.bfloat16 and not cpu_has_native_bf16():
-                    widen_bf16_linears(gpt)  # prefill in fp32: torch emulates bf16 matmuls here
-                if attach_fused_decode(gpt) is None:
-                    decode_kernel = f"native {native_library().isa}"
-            if decode_kernel == "torch" and can_pack(dev, dtype) and not settings.get("compile"):
-                pack_linears(gpt)
+            gpt, decode_kernel = cls._load_whole(
+                info, checkpoint_dir, dev, dtype, prec, quantization, stored, bool(settings.get("compile"))
+            )
         llm = cls(gpt, tokenizer, info.config, checkpoint_dir, settings, dev, prec, fixed)
         llm.quantization = quantization
         llm.stored_quantization = stored
@@ -330,6 +324,39 @@ class LLM:
             llm._compile()
         llm.load_seconds = time.perf_counter() - start
         return llm
+
+    @staticmethod
+    def _load_whole(
+        info: CheckpointInfo, checkpoint_dir: Path, dev: torch.device, dtype: torch.dtype, prec: str,
+        quantization: QuantSpec | None, stored: QuantizationConfig | None, compile: bool,
+    ) -> tuple[GPT, str]:
+        """The model on one device, and what runs its decode step: the fused native step
+        where it applies (one call a token; "native ISA"), otherwise torch's modules
+        ("torch") with oneDNN-prepacked linears (inductor, under --compile, cannot lower
+        packed weights: it packs its own). Running out of memory is one sentence with the
+        numbers and what to try."""
+        advice = "try --quantize int8 or int4, or a smaller model"
+        decode_kernel = "torch"
+        try:
+            gpt = build_model(info.config, checkpoint_dir, dev, dtype, quantize=quantization, stored=stored)
+            if not compile and dev.type == "cpu" and native_library() is not None:
+                if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+                    widen_bf16_linears(gpt)  # prefill in fp32: torch emulates bf16 matmuls here
+                if attach_fused_decode(gpt) is None:
+                    decode_kernel = f"native {native_library().isa}"
+            if decode_kernel == "torch" and can_pack(dev, dtype) and not compile:
+                # The packed copies are new memory (the mapped weights they replace are not).
+                linears = sum(m.weight.numel() for m in gpt.modules() if type(m) is torch.nn.Linear)
+                check_memory(linears * dtype.itemsize, f"Packing {checkpoint_dir.name}'s weights", advice)
+                pack_linears(gpt)
+        except (RuntimeError, MemoryError, OSError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise OutOfMemoryError(
+                f"Out of memory loading {checkpoint_dir.name} ({human_bytes(info.config.num_parameters() * dtype.itemsize)} "
+                f"of weights in {prec}; {human_bytes(memory_available())} available); {advice}."
+            ) from err
+        return gpt, decode_kernel
 
     @staticmethod
     def _load_part(request: LoadRequest) -> tuple[GPT, World, Ranks]:
@@ -437,6 +464,11 @@ class LLM:
         # Round up so that a slightly longer next prompt does not reallocate.
         length = self.fixed_max_seq_length or min(limit, max(256, 1 << math.ceil(math.log2(needed))))
         size = self.cache_bytes(length)
+        if self.device.type == "cpu":
+            # The old cache stays alive while its contents are copied over; the RoPE table
+            # (cos and sin, float32, for every position) comes with it.
+            rope = 2 * length * self.config.rope_n_elem * 4
+            check_memory(size + rope, f"A KV cache of {length} tokens", "lower --max-seq-length")
         if size >= CACHE_NOTICE_BYTES:
             self.notify(f"Allocating a {size / 1024**3:.1f} GiB KV cache for {length} tokens.")
         self._everywhere("_allocate_cache", length)
@@ -455,7 +487,9 @@ class LLM:
                     kept = previous.k.size(2)
                     block.attn.kv_cache.k[:, :, :kept] = previous.k
                     block.attn.kv_cache.v[:, :, :kept] = previous.v
-        except (torch.OutOfMemoryError, MemoryError) as err:
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
             self.model.clear_caches()
             error = OutOfMemoryError(
                 f"Out of memory allocating a KV cache of {length} tokens "
@@ -479,13 +513,22 @@ class LLM:
             min_p=s.get("min_p"),
             repetition_penalty=s.get("repetition_penalty"),
         )
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or not 0 <= params.min_p <= 1:
-            raise UsageError("temperature must be >= 0, top-p in (0, 1] and min-p in [0, 1].")
-        if params.repetition_penalty <= 0:
-            raise UsageError("repetition-penalty must be > 0.")
         max_new = s.get("max_new_tokens")
-        if max_new < 1:
-            raise UsageError("max-new-tokens must be at least 1.")
+        finite = math.isfinite
+        for name, ok, rule in (
+            ("temperature", finite(params.temperature) and params.temperature >= 0, "a number >= 0"),
+            ("top_p", finite(params.top_p) and 0 < params.top_p <= 1, "in (0, 1]"),
+            ("min_p", finite(params.min_p) and 0 <= params.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", finite(params.repetition_penalty) and params.repetition_penalty > 0, "a number > 0"),
+            ("top_k", params.top_k is None or params.top_k >= 0, "0 (no limit) or more"),
+            ("max_new_tokens", max_new >= 1, "at least 1"),
+        ):
+            if not ok:
+                if s.source(name) == "checkpoint":  # not the user's typo: the checkpoint's file
+                    raise CheckpointError(
+                        f"The checkpoint's generation_config.json sets {name} = {s.get(name)!r}; it must be {rule}."
+                    )
+                raise UsageError(f"{name.replace('_', '-')} must be {rule}, not {s.get(name)!r}.")
         return params, max_new, s.get("seed")
 
     def chat_style(self, prompt_style: str | None = None) -> PromptStyle:

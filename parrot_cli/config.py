@@ -10,10 +10,12 @@ registry lacks still converts. Old and new spellings of the same setting are bot
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from parrot_cli.errors import UnsupportedArchitectureError
+from parrot_cli.errors import ConfigError, UnsupportedArchitectureError
 
 Family = Literal["gpt_neox", "falcon", "llama"]
 
@@ -75,6 +77,9 @@ class Config:
     eos_token_id: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # Every config is checked before anything is built from it: a model, a KV cache or
+        # a RoPE table sized by an absurd or inconsistent value would hang or exhaust memory.
+        _check_sizes(self)
         if self.n_query_groups is None:
             self.n_query_groups = self.n_head
         if self.head_size is None:
@@ -83,6 +88,7 @@ class Config:
             raise UnsupportedArchitectureError(
                 f"{self.n_head} attention heads cannot be split into {self.n_query_groups} kv groups."
             )
+        _check_consistency(self)
 
     @property
     def rope_n_elem(self) -> int:
@@ -99,9 +105,19 @@ class Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict[str, Any], where: str = "The architecture config") -> Config:
+        """The config saved in parrot_config.json (unknown keys are ignored: a newer parrot
+        may add some). Raises ConfigError, naming `where`, for a missing, malformed or
+        out-of-range value."""
+        with _invalid(where):
+            if not isinstance(data, dict):
+                raise ConfigError("it is not a JSON object")
+            required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+            missing = [name for name in required if name not in data]
+            if missing:
+                raise ConfigError(f"it lacks {missing[0]!r}")
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
 
     def num_parameters(self) -> int:
         """Parameter count computed from the shapes (no weights needed)."""
@@ -118,12 +134,23 @@ class Config:
         return self.n_layer * (attn + mlp + norms) + emb + norm_params
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], name: str = "") -> Config:
+    def from_hf(cls, hf: dict[str, Any], name: str = "", where: str = "The model's config.json") -> Config:
         """Derive a Config from a Hugging Face `config.json` dict.
 
         Raises UnsupportedArchitectureError (listing what is supported) for other
-        architectures, and for variants of a supported one that parrot does not implement.
+        architectures, and for variants of a supported one that parrot does not implement;
+        ConfigError (naming `where`) for a missing, malformed or inconsistent value.
         """
+        with _invalid(where):
+            if not isinstance(hf, dict):
+                raise ConfigError("it is not a JSON object")
+            for key in _HF_SIZES:
+                if hf.get(key) is not None:
+                    _int_in(hf[key], key, 1, MAX_CONTEXT)  # checked before any arithmetic uses it
+            return cls._from_hf(hf, name)
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any], name: str) -> Config:
         model_type = hf.get("model_type", "")
         family = SUPPORTED_MODEL_TYPES.get(model_type)
         if family is None:
@@ -133,6 +160,152 @@ class Config:
                 f"supports {supported_architectures_text()}."
             )
         return _FROM_HF[family](hf, name)
+
+
+# --------------------------------------------------------------------------- validation
+
+# config.json sizes that the family readers divide and multiply.
+_HF_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+             "num_key_value_heads", "num_kv_heads", "n_head_kv", "head_dim", "intermediate_size",
+             "ffn_hidden_size", "max_position_embeddings")
+
+
+@contextmanager
+def _invalid(where: str) -> Iterator[None]:
+    """Turn what a malformed config raises into one ConfigError that names its source."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{where} is invalid: {err}.") from None
+    except KeyError as err:
+        raise ConfigError(f"{where} is invalid: it lacks {err.args[0]!r}.") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as err:
+        raise ConfigError(f"{where} is invalid: a value has the wrong type or range ({err}).") from err
+
+
+# Bounds every config must respect: far above any real model (Llama-3-405B has 126 layers,
+# width 16384, 128 heads; the largest vocabularies have ~260k tokens; the longest contexts
+# ~10M positions), far below what would make building the model hang or a table exhaust
+# memory.
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 18  # n_embd, intermediate_size, rows of q/k/v
+MAX_HEADS = 1 << 12
+MAX_HEAD_SIZE = 1 << 12
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 30
+FAMILIES = ("gpt_neox", "falcon", "llama")
+NORM_CLASSES = ("LayerNorm", "RMSNorm")
+MLP_CLASSES = ("GeluMLP", "GatedMLP")
+_FLAGS = ("parallel_residual", "shared_attention_norm", "qkv_bias", "proj_bias", "mlp_bias", "tie_embeddings")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # JSON true/false are bools, a subclass of int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _int_in(value: Any, what: str, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{what} is {value!r}; it must be an integer from {low} to {high}")
+    return value
+
+
+def _positive_number(value: Any, what: str) -> float:
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{what} is {value!r}; it must be a positive number")
+    return float(value)
+
+
+def _check_sizes(c: Config) -> None:
+    """Types and bounds of every field, before any of them is divided or multiplied."""
+    if c.family not in FAMILIES:
+        raise ConfigError(f"family is {c.family!r}; it must be one of {', '.join(FAMILIES)}")
+    if not isinstance(c.name, str):
+        raise ConfigError(f"name is {c.name!r}, not text")
+    _int_in(c.vocab_size, "vocab_size", 1, MAX_VOCAB)
+    _int_in(c.n_layer, "n_layer (the number of layers)", 1, MAX_LAYERS)
+    _int_in(c.n_head, "n_head (attention heads)", 1, MAX_HEADS)
+    _int_in(c.n_embd, "n_embd (the hidden size)", 1, MAX_WIDTH)
+    _int_in(c.intermediate_size, "intermediate_size", 1, MAX_WIDTH)
+    _int_in(c.block_size, "block_size (the context length)", 1, MAX_CONTEXT)
+    if c.n_query_groups is not None:
+        _int_in(c.n_query_groups, "n_query_groups (key/value heads)", 1, MAX_HEADS)
+    if c.head_size is not None:
+        _int_in(c.head_size, "head_size", 1, MAX_HEAD_SIZE)
+    elif c.n_embd % c.n_head:
+        raise ConfigError(f"a hidden size of {c.n_embd} cannot be split into {c.n_head} attention heads")
+    if not _is_number(c.rotary_percentage) or not 0 < c.rotary_percentage <= 1:
+        raise ConfigError(f"rotary_percentage is {c.rotary_percentage!r}; it must be in (0, 1]")
+    _positive_number(c.rope_base, "rope_base (RoPE theta)")
+    _positive_number(c.norm_eps, "norm_eps")
+    for flag in _FLAGS:
+        if not isinstance(getattr(c, flag), bool):
+            raise ConfigError(f"{flag} is {getattr(c, flag)!r}, not true or false")
+    if c.norm_class not in NORM_CLASSES:
+        raise ConfigError(f"norm_class is {c.norm_class!r}; it must be one of {', '.join(NORM_CLASSES)}")
+    if c.mlp_class not in MLP_CLASSES:
+        raise ConfigError(f"mlp_class is {c.mlp_class!r}; it must be one of {', '.join(MLP_CLASSES)}")
+    if c.activation not in set(_ACTIVATIONS.values()):
+        raise ConfigError(f"activation is {c.activation!r}; parrot implements {', '.join(sorted(set(_ACTIVATIONS.values())))}")
+    if c.sliding_window is not None:
+        _int_in(c.sliding_window, "sliding_window", 1, MAX_CONTEXT)
+    if c.bos_token_id is not None:
+        _int_in(c.bos_token_id, "bos_token_id", 0, MAX_VOCAB)
+    if not isinstance(c.eos_token_id, list):
+        raise ConfigError(f"eos_token_id is {c.eos_token_id!r}, not a list of token ids")
+    for token in c.eos_token_id:
+        _int_in(token, "an eos_token_id", 0, MAX_VOCAB)
+
+
+def _check_consistency(c: Config) -> None:
+    """Relations between fields, and the RoPE scaling parameters the model will use."""
+    q_rows, kv_rows, _ = c.qkv_sizes
+    if q_rows > MAX_WIDTH or kv_rows > MAX_WIDTH:
+        raise ConfigError(f"{c.n_head} heads of {c.head_size} make {q_rows} query rows, above {MAX_WIDTH}")
+    if c.family != "llama" and q_rows != c.n_embd:
+        raise ConfigError(f"{c.n_head} heads of {c.head_size} do not add up to the hidden size {c.n_embd}")
+    dim = c.rope_n_elem
+    if dim < 2 or dim % 2:
+        raise ConfigError(
+            f"RoPE would rotate {dim} of each head's {c.head_size} dimensions; it needs an even number of at least 2"
+        )
+    if c.rope_scaling is not None:
+        _check_rope_scaling(c, dim)
+
+
+def _check_rope_scaling(c: Config, dim: int) -> None:
+    s = c.rope_scaling
+    if not isinstance(s, dict):
+        raise ConfigError(f"rope_scaling is {s!r}, not a table")
+    kind = s.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not one of {', '.join(ROPE_TYPES)}")
+    original = s.get("original_max_position_embeddings")
+    if original is not None:
+        _int_in(original, "rope_scaling's original_max_position_embeddings", 1, MAX_CONTEXT)
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        if s.get(key) is not None and not _is_number(s[key]):
+            raise ConfigError(f"rope_scaling's {key} is {s[key]!r}, not a number")
+    needs_factor = kind in ("linear", "dynamic", "llama3")
+    if needs_factor or s.get("factor") is not None:
+        _positive_number(s.get("factor"), f"the {kind} rope_scaling factor")
+    if kind == "dynamic" and dim <= 2:
+        raise ConfigError("dynamic RoPE scaling needs more than 2 rotated dimensions per head")
+    if kind == "llama3":
+        low = _positive_number(s.get("low_freq_factor"), "rope_scaling's low_freq_factor")
+        high = _positive_number(s.get("high_freq_factor"), "rope_scaling's high_freq_factor")
+        if low == high:
+            raise ConfigError("rope_scaling's low_freq_factor and high_freq_factor are equal")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            values = s.get(key)
+            if not isinstance(values, list) or len(values) != dim // 2 or not all(_is_number(v) and v > 0 for v in values):
+                raise ConfigError(f"rope_scaling's {key} must list {dim // 2} positive numbers")
+        if (original or c.block_size) < 2:
+            raise ConfigError("longrope scaling needs an original context of at least 2 positions")
 
 
 def supported_architectures_text() -> str:

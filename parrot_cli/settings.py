@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from parrot_cli.errors import UsageError
+from parrot_cli.errors import CheckpointError, UsageError
 from parrot_cli.paths import config_file
 from parrot_cli.quantize import modes_help
 
 PRECISIONS = ("bf16-true", "16-true", "32-true")
+CHECKPOINT_SOURCE = "generation_config.json"
 
 
 def _bool(value: Any) -> bool:
@@ -153,12 +154,14 @@ class Settings:
             return self._parse(setting, self._config[name], f"{config_file()} {name}"), "config"
         key = setting.checkpoint_key
         if key and self._checkpoint.get(key) is not None:
-            return self._parse(setting, self._checkpoint[key], "generation_config.json"), "checkpoint"
+            return self._parse(setting, self._checkpoint[key], CHECKPOINT_SOURCE), "checkpoint"
         return setting.default, "default"
 
     @staticmethod
     def _parse(setting: Setting, value: Any, where: str) -> Any:
         try:
             return setting.parse(value)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, OverflowError) as err:
+            if where == CHECKPOINT_SOURCE:  # a checkpoint's file, not something the user typed
+                raise CheckpointError(f"The checkpoint's {where} sets {setting.name} to {value!r}, which is not valid.") from err
             raise UsageError(f"Invalid value {value!r} for {setting.name} ({where}).") from err

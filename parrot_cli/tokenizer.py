@@ -8,8 +8,9 @@ CLI's fast paths (chat-template previews, token counting) that must not pay for 
 Three pieces live here:
 
 * `Tokenizer`: encode/decode with the checkpoint's own rules (BOS handling, special tokens in the
-  text, every EOS id the model may emit) and chat template rendering in a jinja2 sandbox, since
-  templates ship with downloaded checkpoints and are untrusted code.
+  text, every EOS id the model may emit) and chat template rendering in `chat_template`'s
+  jinja2 sandbox (with time, memory and size limits), since templates ship with downloaded
+  checkpoints and are untrusted code.
 * `IncrementalDecoder`: turns generated ids into text pieces that never change once emitted.
 * `StopMatcher`: holds back text that may still become a stop string, so stops never leak.
 """
@@ -18,20 +19,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from parrot_cli.chat_template import ChatTemplateError, compile_template, one_line, render
 from parrot_cli.checkpoint.info import read_json
-from parrot_cli.errors import CheckpointError, ParrotError, UsageError
+from parrot_cli.errors import CheckpointError, UsageError
 
 __all__ = [
     "ChatTemplateError",
@@ -44,10 +41,6 @@ __all__ = [
 _REPLACEMENT_CHAR = "\ufffd"
 # The token spelling that `tokenizers`' ByteFallback decoder turns back into a raw byte.
 _BYTE_TOKEN_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-class ChatTemplateError(ParrotError):
-    """The checkpoint's chat template is missing, broken, or refused the conversation."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,101 +98,8 @@ def _has_decoder(spec: Any, kind: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Chat template sandbox
+# Chat templates (rendered in `chat_template`'s sandbox)
 # --------------------------------------------------------------------------------------------
-
-
-class _TemplateRaised(TemplateError):
-    """Raised by a template's own `raise_exception(...)`: the message is meant for the user."""
-
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable jinja2 sandbox, but an unsafe attribute access fails right away.
-
-    Stock jinja2 returns an Undefined for `''.__class__` (it only fails once something calls or
-    indexes it), so `{{ ''.__class__ }}` would render as an empty string. A chat template has no
-    business touching private attributes, so we fail loudly instead of rendering a silently
-    different prompt.
-    """
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
-        )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """Accept `{% generation %}...{% endgeneration %}` and render its body unchanged.
-
-    Training-oriented templates mark assistant spans with this tag (transformers uses it for
-    assistant-token masks); inference only needs the text, but the tag must still parse.
-    """
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_passthrough"), [], [], body).set_lineno(
-            lineno
-        )
-
-    def _passthrough(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-def _raise_exception(message: Any) -> None:
-    """Template helper: templates call this to reject conversations they cannot format."""
-    raise _TemplateRaised(str(message))
-
-
-def _strftime_now(fmt: str) -> str:
-    """Template helper: templates stamp "Today's date" into system prompts with it."""
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | str | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    """HF's `tojson`: plain json.dumps. jinja2's own filter HTML-escapes `<>&'`, which would put
-    `\\u003c` into prompts where the model was trained on `<`."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _template_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
-    """`dict(...)` for templates as a plain function, so templates cannot reach the `dict` type
-    itself (and its class attributes) through the global."""
-    return dict(*args, **kwargs)
-
-
-def _make_environment() -> jinja2.Environment:
-    env = _StrictSandbox(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[jinja2.ext.loopcontrols, _GenerationTag],
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _template_dict
-    return env
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace so a multi-line jinja message prints as one sentence; the trailing
-    period is dropped because callers embed the text in a sentence of their own."""
-    return " ".join(str(text).split()).rstrip(".")
-
-
-def _finish(sentence: str) -> str:
-    """End a sentence with a period unless the quoted message already ended it."""
-    return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -337,7 +237,7 @@ class Tokenizer:
             backend = _HFTokenizer.from_str(raw)
         except Exception as exc:  # tokenizers raises plain Exception subclasses for bad files
             raise CheckpointError(
-                f"{tok_file} is corrupt or not a tokenizers file ({_one_line(str(exc))})."
+                f"{tok_file} is corrupt or not a tokenizers file ({one_line(str(exc))})."
             ) from exc
 
         config = read_json(path / "tokenizer_config.json", required=False)
@@ -412,17 +312,7 @@ class Tokenizer:
                 "send a raw prompt instead."
             )
         if self._template_cache is None or self._template_cache[0] != self.chat_template:
-            try:
-                compiled = _make_environment().from_string(self.chat_template)
-            except TemplateSyntaxError as exc:
-                raise ChatTemplateError(
-                    f"The chat template has a syntax error on line {exc.lineno}: "
-                    f"{_one_line(exc.message or str(exc))}."
-                ) from exc
-            except TemplateError as exc:
-                raise ChatTemplateError(
-                    f"The chat template could not be compiled: {_one_line(str(exc))}."
-                ) from exc
+            compiled = compile_template(self.chat_template)
             self._template_cache = (self.chat_template, compiled)
         return self._template_cache[1]
 
@@ -436,9 +326,9 @@ class Tokenizer:
         """Render a conversation into the prompt text the model was trained on.
 
         `system` is prepended as a system message unless the conversation already has one. The
-        template runs in an immutable jinja2 sandbox with the helpers Hub templates expect;
-        every failure (template bug, template refusing the conversation, sandbox violation)
-        surfaces as one `ChatTemplateError`.
+        template runs in an immutable jinja2 sandbox with the helpers Hub templates expect,
+        under time, memory and size limits; every failure (template bug, template refusing
+        the conversation, sandbox violation, a limit) surfaces as one `ChatTemplateError`.
         """
         template = self._compiled_template()
         if not isinstance(messages, list | tuple):
@@ -469,27 +359,7 @@ class Tokenizer:
             if value is not None:
                 context[name] = value
 
-        try:
-            return template.render(**context)
-        except _TemplateRaised as exc:
-            message = " ".join((exc.message or "no reason given").split())
-            raise ChatTemplateError(
-                _finish(f"The chat template rejected the conversation: {message}")
-            ) from exc
-        except SecurityError as exc:
-            raise ChatTemplateError(
-                f"The chat template tried something the sandbox forbids ({_one_line(str(exc))})."
-            ) from exc
-        except UndefinedError as exc:
-            raise ChatTemplateError(
-                f"The chat template used something undefined ({_one_line(str(exc))})."
-            ) from exc
-        except ParrotError:
-            raise
-        except Exception as exc:  # a template is arbitrary code: any failure is the template's
-            raise ChatTemplateError(
-                f"The chat template failed to render ({type(exc).__name__}: {_one_line(str(exc))})."
-            ) from exc
+        return render(template, context)
 
     def encode_chat(
         self,

@@ -18,7 +18,12 @@ os.environ["PARROT_HOME"] = str(_SESSION_HOME)
 os.environ["PARROT_CONFIG"] = str(_SESSION_HOME / "no-config.toml")
 for _name in list(os.environ):
     if _name.startswith("PARROT_") and _name not in ("PARROT_HOME", "PARROT_CONFIG", "PARROT_CACHE"):
-        del os.environ[_name]
+        if not _name.startswith("PARROT_FUZZ"):  # the fuzz run's own knobs (tests/fuzz)
+            del os.environ[_name]
+
+# The fuzz suite runs in a child process under an address-space limit (tests/test_fuzz.py
+# starts it; `make fuzz` runs its long profile): never inside this process.
+collect_ignore = ["fuzz"]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ that huggingface_hub 2.4 calls (point `HF_ENDPOINT` at `server.url` in the child
 - errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) as
   the hub's do, since the client maps them to its typed exceptions only by that header.
 
-Switches simulate a bad network: `fail_status` (every request answers it, e.g. 500),
+Switches simulate a bad network: `rate` (file bodies are sent at about this many bytes
+per second, so a download can be interrupted at any point), `fail_status` (every request answers it, e.g. 500),
 `stall[FILE] = N` (a GET of FILE sends bytes up to offset N, then stops sending until the
 server stops), `drop[FILE] = N` (the next GET of FILE is cut off after offset N, once),
 `corrupt` (GETs of these files send one flipped byte). `requests` records every request.
@@ -22,6 +23,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,6 +77,7 @@ class HubServer:
     stall: dict[str, int] = field(default_factory=dict)
     drop: dict[str, int] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
+    rate: int | None = None
     requests: list[Request] = field(default_factory=list)
 
     def start(self) -> HubServer:
@@ -201,8 +204,19 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             stall_at = hub.stall.get(name)
             drop_at = hub.drop.pop(name, None)
             cut = min(max(x, start) for x in (stall_at, drop_at, len(data)) if x is not None)
-            self.wfile.write(data[start:cut])
-            self.wfile.flush()
+            if hub.rate:
+                step = max(hub.rate // 20, 1)  # 20 writes a second
+                try:
+                    for at in range(start, cut, step):
+                        self.wfile.write(data[at : min(at + step, cut)])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed
+                    self.close_connection = True
+                    return
+            else:
+                self.wfile.write(data[start:cut])
+                self.wfile.flush()
             if cut == len(data):
                 return
             if cut != drop_at:

@@ -29,6 +29,7 @@ from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
 from parrot_cli.quantize.format import QuantizedWeight
 from parrot_cli.quantize.qconfig import QuantizationConfig
+from parrot_cli.resources import check_disk, disk_full_error, is_disk_full
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,42 +124,64 @@ def _write(
     shape is checked against the config. `quantization` says what the checkpoint holds: a
     QuantizationConfig, or a callable asked once every tensor is written (a GGUF import
     knows what each tensor became only then); a config with no modules listed gets those
-    written here."""
+    written here.
+
+    The space it needs is checked before anything is written (from the config's parameter
+    count at the first tensor's width: its dtype, or a quantized weight's bits); a disk that
+    fills up anyway (something else wrote) is one DiskFullError with the numbers, and the
+    partial checkpoint is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     shapes = _weight_shapes(config) if quantization is not None else {}
     stored: dict[str, dict[str, Any]] = {}
-    # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
-    with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
-        done = 0
-        for name, t in tensors:
-            if isinstance(t, QuantizedWeight):
-                module = name.removesuffix(".weight")
-                if shapes.get(name) != (t.out_features, t.in_features):
-                    raise CheckpointError(
-                        f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
-                        f"says {list(shapes.get(name, ()))}."
-                    )
-                for key, part in t.tensors(module + ".").items():
-                    writer.add_tensor(key, part)
-                stored[module] = t.meta()
-            else:
-                writer.add_tensor(name, t)
-            done += 1
-            if progress:
-                progress(done, total, name)
-        if done != total:
-            raise CheckpointError(f"Expected {total} tensors, converted {done}.")
-        for name, content in files.items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, writer.partial / name)
-            elif isinstance(content, str):
-                writer.write_text(name, content)
-            else:
-                writer.write_json(name, content)
-        qconfig = quantization() if callable(quantization) else quantization
-        if qconfig is not None and not qconfig.modules:
-            qconfig.modules.update({m: {**meta, "mode": qconfig.mode} for m, meta in stored.items()})
-        return writer.commit(config, provenance, qconfig)
+    need = sum(c.stat().st_size if isinstance(c, Path) else len(str(c)) for c in files.values())
+    try:
+        # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
+        with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
+            done = 0
+            for name, t in tensors:
+                if done == 0:  # the width it is written in is known now
+                    need += int(config.num_parameters() * _bytes_per_parameter(t))
+                    check_disk(writer.partial, need, f"The checkpoint {target.name}")
+                if isinstance(t, QuantizedWeight):
+                    module = name.removesuffix(".weight")
+                    if shapes.get(name) != (t.out_features, t.in_features):
+                        raise CheckpointError(
+                            f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
+                            f"says {list(shapes.get(name, ()))}."
+                        )
+                    for key, part in t.tensors(module + ".").items():
+                        writer.add_tensor(key, part)
+                    stored[module] = t.meta()
+                else:
+                    writer.add_tensor(name, t)
+                done += 1
+                if progress:
+                    progress(done, total, name)
+            if done != total:
+                raise CheckpointError(f"Expected {total} tensors, converted {done}.")
+            for name, content in files.items():
+                if isinstance(content, Path):
+                    shutil.copyfile(content, writer.partial / name)
+                elif isinstance(content, str):
+                    writer.write_text(name, content)
+                else:
+                    writer.write_json(name, content)
+            qconfig = quantization() if callable(quantization) else quantization
+            if qconfig is not None and not qconfig.modules:
+                qconfig.modules.update({m: {**meta, "mode": qconfig.mode} for m, meta in stored.items()})
+            return writer.commit(config, provenance, qconfig)
+    except OSError as err:
+        if is_disk_full(err):  # the writer has removed the partial checkpoint
+            raise disk_full_error(target.parent, need, f"writing {target}") from err
+        raise
+
+
+def _bytes_per_parameter(t: Any) -> float:
+    """Bytes a parameter takes on disk, judged by one tensor: its element size, or for a
+    quantized weight its bits plus the scales (~1/16 more at 4 bits in groups of 32)."""
+    if isinstance(t, QuantizedWeight):
+        return t.bits / 8 * 1.0625
+    return t.element_size()
 
 
 def _weight_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -173,7 +196,12 @@ def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any
     """The source's generation_config.json with eos_token_id normalised to a list."""
     data = read_json(source_dir / "generation_config.json") if source_dir is not None else {}
     eos = data.get("eos_token_id", config.eos_token_id)
-    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if not all(type(i) is int and 0 <= i < config.vocab_size for i in eos):
+        raise CheckpointError(
+            f"{source_dir / 'generation_config.json'} lists eos_token_id {data.get('eos_token_id')!r}; "
+            f"it must hold token ids below the vocabulary size {config.vocab_size}."
+        )
     for extra in config.eos_token_id:
         if extra not in eos:
             eos.append(extra)
@@ -192,7 +220,7 @@ def _convert_hf(
     known: KnownModel | None,
 ) -> Path:
     hf = read_hf_config(src_dir)
-    config = Config.from_hf(hf, name=known.name if known else target.name)
+    config = Config.from_hf(hf, name=known.name if known else target.name, where=str(src_dir / "config.json"))
     generation = _generation_config(src_dir, config)
     config.eos_token_id = generation["eos_token_id"]
     weights = open_hf_weights(src_dir)
@@ -214,7 +242,7 @@ def _convert_hf(
             },
         }
     )
-    tensors = _cast(convert_weights(config.family, hf, config, weights), dtype)
+    tensors = _cast(convert_weights(config.family, hf, config, weights, where=str(src_dir)), dtype)
     return _write(target, config, tensors, expected_tensor_count(config), files, provenance, progress,
                   quantization)
 
@@ -261,7 +289,7 @@ def _convert_gguf(
     from parrot_cli.checkpoint.gguf import read_gguf
 
     gguf = read_gguf(path)
-    config = Config.from_hf(gguf.hf_config, name=known.name if known else target.name)
+    config = Config.from_hf(gguf.hf_config, name=known.name if known else target.name, where=str(path))
     generation = dict(gguf.generation_config)
     config.eos_token_id = list(generation.get("eos_token_id") or config.eos_token_id)
     files: dict[str, Any] = {
@@ -280,11 +308,11 @@ def _convert_gguf(
     total = expected_tensor_count(config)
     if dtype is not None:
         src = _OrderedGGUFTensors(gguf.tensors())
-        tensors = _cast(convert_weights("llama", gguf.hf_config, config, src), dtype)
+        tensors = _cast(convert_weights("llama", gguf.hf_config, config, src, where=str(path)), dtype)
         return _write(target, config, tensors, total, files, provenance, progress)
     from parrot_cli.checkpoint.gguf_quant import GGUFImport
 
     importer = GGUFImport(gguf.metadata.get("file_type_name"))
     src = _OrderedGGUFTensors(gguf.weights())
-    tensors = importer.convert(convert_weights("llama", gguf.hf_config, config, src))
+    tensors = importer.convert(convert_weights("llama", gguf.hf_config, config, src, where=str(path)))
     return _write(target, config, tensors, total, files, provenance, progress, importer.config)

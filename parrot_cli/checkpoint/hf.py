@@ -17,7 +17,8 @@ each output row's codes, scales and zero points together, so it stays quantized.
 
 from __future__ import annotations
 
-import json
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from parrot_cli.config import Config
-from parrot_cli.errors import CheckpointError
+from parrot_cli.errors import CheckpointError, is_out_of_memory
 from parrot_cli.quantize.format import QuantizedWeight
 
 Getter = Callable[[str], torch.Tensor]
@@ -55,24 +56,21 @@ def read_hf_config(source_dir: Path) -> dict[str, Any]:
     path = Path(source_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{source_dir} has no config.json; is it a Hugging Face checkpoint?")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}).") from err
+    from parrot_cli.checkpoint.info import read_json
+
+    return read_json(path, required=True)
 
 
 def open_hf_weights(source_dir: Path) -> TensorSource:
     """Safetensors when present (preferred: no pickle), else .bin files via weights_only."""
+    from parrot_cli.checkpoint.info import shard_names
     from parrot_cli.checkpoint.store import load_safetensors
 
     d = Path(source_dir)
     st_files = sorted(d.glob("*.safetensors"))
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is corrupt ({err}).") from err
+        names = shard_names(index)
         missing = [n for n in names if not (d / n).is_file()]
         if missing:
             raise CheckpointError(f"{d} is incomplete: shard {missing[0]} is missing.")
@@ -87,23 +85,103 @@ def open_hf_weights(source_dir: Path) -> TensorSource:
         raise CheckpointError(f"{d} has no weights (*.safetensors or pytorch_model*.bin).")
     tensors = {}
     for f in bin_files:
-        try:
-            # weights_only: a pickle can run code; this refuses anything but tensors.
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # torch raises many types for a bad pickle
-            raise CheckpointError(f"{f} could not be read safely ({type(err).__name__}).") from err
-        tensors.update(state)
+        tensors.update(load_pickled_weights(f))
     return TensorSource(tensors)
+
+
+def load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin`/`.pth` state dict, read only through `torch.load(weights_only=True)`: a
+    pickle is a program, and this refuses every one that would call anything but tensor
+    constructors (the payload never runs). Memory-mapped when the file is in torch's zip
+    format; pre-2020 (legacy) files are read into memory."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it would call {found[1]})" if found else ""
+        raise CheckpointError(
+            f"Refused to load {path}: it holds more than tensors{what}, and parrot loads pickles only "
+            "with torch.load(weights_only=True); use the model's safetensors files instead."
+        ) from err
+    except Exception as err:  # torch raises many types for a damaged file
+        if is_out_of_memory(err):
+            raise
+        raise CheckpointError(
+            f"{path} could not be read safely ({type(err).__name__}: {' '.join(str(err).split())[:200]})."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} is not a state dict of named tensors.")
+    return state
 
 
 # --------------------------------------------------------------------------- mapping
 
 
 def convert_weights(
-    family: str, hf: dict[str, Any], config: Config, src: TensorSource
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (parrot name, tensor) in model order."""
-    yield from _MAPPERS[family](hf, config, src)
+    family: str, hf: dict[str, Any], config: Config, src: TensorSource, where: str = "The checkpoint"
+) -> Iterator[tuple[str, Any]]:
+    """Yield (parrot name, tensor) in model order, each checked against the config: the
+    shape its sizes give, a floating-point dtype, finite values (a quantized weight: its
+    shape and its codes' ranges). A config.json whose sizes
+    disagree with its weights fails here (one CheckpointError naming `where`), never as a
+    checkpoint that looks whole but cannot load."""
+    expected = expected_shapes(config)
+    mapped = _MAPPERS[family](hf, config, src)
+    while True:
+        try:
+            name, tensor = next(mapped)
+        except StopIteration:
+            return
+        except RuntimeError as err:  # a re-layout (reshape, cat) of a tensor of the wrong size
+            if is_out_of_memory(err):
+                raise
+            raise CheckpointError(
+                f"{where}: the weights do not match the config's sizes ({' '.join(str(err).split())})."
+            ) from err
+        want = expected.get(name)
+        if want is None:
+            raise CheckpointError(f"{where}: parrot made an unexpected tensor {name}.")
+        shape = _shape_of(tensor)
+        if shape != want:
+            raise CheckpointError(
+                f"{where}: the weights do not match the config's sizes: {name} is {list(shape)}, "
+                f"but the config makes it {list(want)}."
+            )
+        if isinstance(tensor, QuantizedWeight):
+            tensor.check_values(name.removesuffix(".weight"))
+        if not isinstance(tensor, torch.Tensor):
+            yield name, tensor  # quantized, or still in GGUF blocks: checked as it is decoded
+            continue
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: {name} holds {tensor.dtype} values, not floating-point weights.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{where}: {name} holds NaN or infinite values.")
+        yield name, tensor
+
+
+def _shape_of(weight: Any) -> tuple[int, ...]:
+    """The logical [out, in] shape of a float tensor, a QuantizedWeight or GGUF blocks."""
+    if isinstance(weight, QuantizedWeight):
+        return (weight.out_features, weight.in_features)
+    return tuple(weight.shape)
+
+
+def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model `config` describes (built on the meta device:
+    no memory; the config's bounds keep it quick). The tied head is not a tensor of its own."""
+    from parrot_cli.checkpoint.load import meta_model
+
+    shapes = {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 def _get_linear(src: TensorSource, prefix: str, bias: bool) -> Iterator[tuple[str, torch.Tensor]]:

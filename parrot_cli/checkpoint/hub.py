@@ -19,10 +19,8 @@ huggingface_hub range whose `http_get` / `get_hf_file_metadata` signatures this 
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -34,8 +32,15 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from parrot_cli.checkpoint.info import hash_file, sha256_file
-from parrot_cli.errors import CheckpointError, ModelNotFoundError, ParrotError, UsageError
+from parrot_cli.errors import (  # noqa: F401 (DiskFullError: re-exported, raised here)
+    CheckpointError,
+    DiskFullError,
+    ModelNotFoundError,
+    ParrotError,
+    UsageError,
+)
 from parrot_cli.paths import cache_dir
+from parrot_cli.resources import disk_free, human_bytes, is_disk_full, mount_of
 
 # The tokenizer files a conversion copies into the checkpoint (convert.py uses this list).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -62,10 +67,6 @@ class HubAccessError(HubError):
 
 class ChecksumMismatchError(CheckpointError):
     """A downloaded file's content does not match the hub's checksum; it was deleted."""
-
-
-class DiskFullError(ParrotError):
-    """Not enough free space for the download."""
 
 
 class DownloadProgress(Protocol):
@@ -252,25 +253,38 @@ class Hub:
         *,
         progress: DownloadProgress | None = None,
         check_architecture: bool = True,
+        reserve: int = 0,
     ) -> Path:
         """Fetch every missing file of `plan` (config.json first: with `check_architecture`,
-        an unsupported architecture fails before any weight is transferred)."""
+        an unsupported architecture fails before any weight is transferred). `reserve` is
+        space the caller needs afterwards on the same disk (the converted checkpoint): the
+        space check counts it too, before anything is fetched."""
         from huggingface_hub import constants
 
         progress = progress or _Silent()
         plan.directory.mkdir(parents=True, exist_ok=True)
-        self._check_space(plan)
+        self._check_space(plan, reserve)
         default_chunk, constants.DOWNLOAD_CHUNK_SIZE = constants.DOWNLOAD_CHUNK_SIZE, CHUNK_BYTES
         try:
             for remote in sorted(plan.files, key=lambda f: (f.name != "config.json", f.size or 0, f.name)):
-                self._fetch(plan, remote, progress)
+                try:
+                    self._fetch(plan, remote, progress)
+                except OSError as err:
+                    if not is_disk_full(err):
+                        raise
+                    raise DiskFullError(
+                        f"The disk filled up while downloading {remote.name} of {plan.repo_id}: "
+                        f"{human_bytes(self._still_needed(plan) + reserve)} more is needed and "
+                        f"{human_bytes(disk_free(plan.directory))} is free; the part already fetched is "
+                        "kept, so free some space (or move the cache with PARROT_CACHE) and run the "
+                        "command again to resume."
+                    ) from err
                 if remote.name == "config.json" and check_architecture:
+                    from parrot_cli.checkpoint.info import read_json
                     from parrot_cli.config import Config
 
-                    try:
-                        Config.from_hf(json.loads((plan.directory / "config.json").read_text()))
-                    except ValueError as err:
-                        raise CheckpointError(f"{plan.repo_id}'s config.json is not valid JSON ({err}).") from err
+                    hf_config = read_json(plan.directory / "config.json", required=True)
+                    Config.from_hf(hf_config, where=f"{plan.repo_id}'s config.json")
         finally:  # http_get reads the constant at call time; restore it for other users
             constants.DOWNLOAD_CHUNK_SIZE = default_chunk
         shutil.rmtree(plan.directory / ".partial", ignore_errors=True)
@@ -310,16 +324,23 @@ class Hub:
         os.replace(partial, final)
         progress.file_done(remote.name)
 
-    def _check_space(self, plan: Plan) -> None:
+    @staticmethod
+    def _still_needed(plan: Plan) -> int:
+        """Bytes of the plan not yet on disk (partial downloads count as far as they got)."""
         need = 0
         for f in plan.missing():
             partial = plan.directory / ".partial" / f.name
             need += max((f.size or 0) - (partial.stat().st_size if partial.is_file() else 0), 0)
+        return need
+
+    def _check_space(self, plan: Plan, reserve: int = 0) -> None:
+        fetch = self._still_needed(plan)
         free = shutil.disk_usage(plan.directory).free
-        if need > free:
+        if fetch + reserve > free:
+            parts = f" ({_gb(fetch)} to fetch, {_gb(reserve)} for the converted checkpoint)" if reserve else ""
             raise DiskFullError(
-                f"{plan.repo_id} needs {_gb(need)} more but {plan.directory.anchor or '/'} has only "
-                f"{_gb(free)} free; free some space or move the cache with PARROT_CACHE."
+                f"{plan.repo_id} needs {_gb(fetch + reserve)} more{parts} but {mount_of(plan.directory)} "
+                f"has only {_gb(free)} free; free some space or move the cache with PARROT_CACHE."
             )
 
     # ------------------------------------------------------------------ errors
@@ -415,11 +436,8 @@ class Hub:
                 f"The connection broke while fetching {what}; run the command again to resume."
             ) from err
         except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise DiskFullError(
-                    f"The disk filled up while downloading {what}; free some space and run the "
-                    f"command again (it resumes), or move the cache with PARROT_CACHE."
-                ) from err
+            if is_disk_full(err):
+                raise  # download() says how much space is still needed
             if "Consistency check failed" in str(err):
                 raise HubError(
                     f"The hub sent {what} short (connection cut); run the command again to resume."

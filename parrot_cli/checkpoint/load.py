@@ -25,10 +25,11 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from parrot_cli.checkpoint.store import load_weights, weight_files
 from parrot_cli.config import Config
-from parrot_cli.errors import CheckpointError, OutOfMemoryError
+from parrot_cli.errors import CheckpointError, OutOfMemoryError, is_out_of_memory
 from parrot_cli.machine import malloc_trim
 from parrot_cli.model import GPT
 from parrot_cli.quantize import QuantSpec
@@ -42,6 +43,7 @@ from parrot_cli.quantize.apply import (
 )
 from parrot_cli.quantize.format import QuantizedWeight
 from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_config
+from parrot_cli.resources import check_memory
 
 # The tensor names of one stored quantized module (format.QuantizedWeight.tensors).
 QUANTIZED_TENSORS = ("qweight", "scales", "zeros", "qzeros", "perm")
@@ -92,9 +94,9 @@ def build_model(
     not given) holds quantized are packed for the device from their codes; `quantize`
     replaces the float Linears it targets as their block is loaded. `shard` says what part
     of the model this process holds (all of it by default)."""
-    with torch.device("meta"):
-        model = GPT(shard.config(config))
     state = load_weights(checkpoint_dir)
+    _check_layers(config, state, checkpoint_dir)
+    model = meta_model(shard.config(config))
     if stored is None:
         stored = read_quantization_config(checkpoint_dir)
     held_quantized = dict(stored.modules) if stored else {}
@@ -110,16 +112,34 @@ def build_model(
             state[HEAD + ".weight"] = state["transformer.wte.weight"]  # the head gets its own copy
     state = {k: v for k, v in state.items() if shard.holds(k)}
     shard.prepare(model, device)
+    if quantize is None:
+        # What loading allocates (tensors cast or moved; the rest stay memory-mapped),
+        # refused with the numbers before the first copy.
+        copies = sum(
+            t.numel() * dtype.itemsize
+            for t in state.values()
+            if t.is_floating_point() and (t.dtype != dtype or device.type != "cpu")
+        )
+        if device.type == "cpu" and copies:
+            check_memory(copies, f"Loading {checkpoint_dir.name} in {str(dtype).removeprefix('torch.')}",
+                         "try --quantize int8 or int4, or a smaller model")
     release = _PageRelease(weight_files(checkpoint_dir))
     try:
         for part in _by_block(state):
             kept = _assign(model, part, quantized, quantize, held_quantized, device, dtype, shard)
             held = {t.data_ptr() for t in kept}
             release(t for t in part.values() if t.data_ptr() not in held)
-    except torch.OutOfMemoryError as err:
-        raise OutOfMemoryError(f"Out of memory loading {checkpoint_dir} onto {device}.") from err
-    except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint_dir} has weights of the wrong shape ({err}).") from err
+    except (RuntimeError, MemoryError, OSError) as err:
+        if is_out_of_memory(err):
+            raise OutOfMemoryError(
+                f"Out of memory loading {checkpoint_dir} onto {device}; try --quantize int8 or int4, "
+                "a lower --precision, or a smaller model."
+            ) from err
+        if isinstance(err, OSError):
+            raise
+        raise CheckpointError(
+            f"{checkpoint_dir} has weights that do not fit its config ({' '.join(str(err).split())})."
+        ) from err
     if HEAD in held_quantized:
         pass  # the checkpoint stores the head's own quantized copy (`parrot quantize --quantize-head`)
     elif tied_quantized and shard.holds(EMBEDDING):
@@ -128,6 +148,42 @@ def build_model(
         model.lm_head.weight = model.transformer.wte.weight
     model.rope.build(1, device)
     return model.eval().requires_grad_(False)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips parameter initialisation while a model is built on the meta device: there is
+    nothing to initialise, and torch's meta `normal_` imports torch._dynamo on first use
+    (~4 s of every process that loads a model, measured on a loaded 2-core machine)."""
+
+    INIT = frozenset({
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_, torch.nn.init.uniform_,
+        torch.nn.init.kaiming_uniform_, torch.nn.init.trunc_normal_, torch.nn.init.xavier_uniform_,
+        torch.nn.init.ones_, torch.nn.init.zeros_,
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INIT:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def meta_model(config: Config) -> GPT:
+    """The model `config` describes on the meta device: shapes without memory. A validated
+    config bounds its size, so this takes milliseconds (under a second at MAX_LAYERS)."""
+    with torch.device("meta"), _SkipInit():
+        return GPT(config)
+
+
+def _check_layers(config: Config, state: dict[str, torch.Tensor], checkpoint_dir: Path) -> None:
+    """The config's layer count is the one the weights hold, checked before a model of
+    that many layers is built."""
+    held = {int(m[1]) for name in state if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
+    if held != set(range(config.n_layer)):
+        raise CheckpointError(
+            f"{checkpoint_dir} does not match its config: the config has {config.n_layer} layers but "
+            f"the weights hold {len(held)}."
+        )
 
 
 def _check_names(
@@ -156,6 +212,13 @@ def _check_names(
     if missing or unexpected:
         what = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
         raise CheckpointError(f"{checkpoint_dir} does not match its config ({what}).")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name in sorted(names):
+        if tuple(state[name].shape) != shapes[name]:
+            raise CheckpointError(
+                f"{checkpoint_dir} does not match its config: {name} is {list(state[name].shape)}, "
+                f"but the config makes it {list(shapes[name])}."
+            )
 
 
 def _by_block(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

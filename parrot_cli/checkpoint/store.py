@@ -15,11 +15,13 @@ a truncated or corrupt file is one clear error, not a crash.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import shutil
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -210,6 +212,9 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         if self.partial.exists():  # left by a killed run: never reused
             shutil.rmtree(self.partial)
+        old = self.target.with_name(self.target.name + ".old")
+        if old.exists() and not self.target.exists():
+            old.rename(self.target)  # a run killed mid-swap (no renameat2): the old state returns
         self.partial.mkdir(parents=True)
         return self
 
@@ -298,6 +303,10 @@ class CheckpointWriter:
             )
 
     def _swap(self) -> Path:
+        if self.target.exists() and _exchange(self.partial, self.target):
+            # One atomic step: no moment when the target is missing or half there.
+            shutil.rmtree(self.partial, ignore_errors=True)  # now the previous checkpoint
+            return self.target
         old = None
         if self.target.exists():
             old = self.target.with_name(self.target.name + ".old")
@@ -308,6 +317,20 @@ class CheckpointWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or filesystem cannot, and the caller renames in two steps instead."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_tensors(writer: CheckpointWriter, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[str]:

@@ -179,11 +179,21 @@ class ChatTerminal:
     # ------------------------------------------------------------------ input
 
     def read(self) -> str | None:
-        """One message from the user; None means "leave" (Ctrl-D, or Ctrl-C on an empty line)."""
+        """One message from the user; None means "leave" (Ctrl-D, or Ctrl-C on an empty line).
+
+        While the prompt holds the terminal (raw mode) Ctrl-C is a key, bound below. A
+        SIGINT can still arrive in the moments the prompt sets the terminal up or hands it
+        back (Enter, then Ctrl-C at once): prompt_toolkit's own handler would swallow it, or
+        end the session. Without that handler it is a KeyboardInterrupt: the message being
+        sent is dropped (as a reply interrupted before its first token is) and the prompt
+        comes back."""
         try:
-            text = self._session().prompt(PROMPT)
-        except (EOFError, KeyboardInterrupt):
+            text = self._session().prompt(PROMPT, handle_sigint=False)
+        except EOFError:
             return None
+        except KeyboardInterrupt:
+            self.note("Interrupted.")
+            return ""
         return unfence(text)
 
     def _session(self) -> Any:
@@ -397,21 +407,31 @@ class Repl:
             text = self.term.read()
             if text is None:
                 return 0
-            if not text.strip():
-                continue
-            if text.startswith("/"):
-                name, _, arg = text.strip().partition(" ")
-                command = COMMANDS.get(name)
-                if command is None:
-                    self.term.error(f"Unknown command {name}; /help lists the commands.")
-                    continue
-                try:
-                    if command.run(self, arg.strip()):
-                        return 0
-                except ParrotError as err:
-                    self.term.error(err)
-                continue
-            self.reply(functools.partial(self.session.send, text))
+            try:
+                if self._handle(text):
+                    return 0
+            except KeyboardInterrupt:
+                # Ctrl-C anywhere outside the prompt (starting a reply, printing its stats,
+                # a slow command) stops that, never the session.
+                self.term.note("Interrupted.")
+
+    def _handle(self, text: str) -> bool:
+        """One message or slash command; True to leave."""
+        if not text.strip():
+            return False
+        if text.startswith("/"):
+            name, _, arg = text.strip().partition(" ")
+            command = COMMANDS.get(name)
+            if command is None:
+                self.term.error(f"Unknown command {name}; /help lists the commands.")
+                return False
+            try:
+                return command.run(self, arg.strip())
+            except ParrotError as err:
+                self.term.error(err)
+            return False
+        self.reply(functools.partial(self.session.send, text))
+        return False
 
     def reply(self, start: Callable[[], Turn]) -> None:
         """Start a turn and stream it; Ctrl-C stops the reply and keeps the session."""
@@ -426,7 +446,10 @@ class Repl:
             self.term.reply(turn, raw=self.raw)
         except KeyboardInterrupt:
             turn.close()
-            self.term.note("Interrupted; the reply so far is kept (/undo drops it, /regen retries).")
+            if turn.text:
+                self.term.note("Interrupted; the reply so far is kept (/undo drops it, /regen retries).")
+            else:  # nothing came yet: the session dropped the message too (ChatSession._finish_turn)
+                self.term.note("Interrupted before the reply began; the message was dropped.")
         except ParrotError as err:
             turn.close()
             self.term.error(err)

@@ -55,7 +55,9 @@ def print_error(err: BaseException | str) -> int:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+    from parrot_cli.errors import is_out_of_memory
+
+    return is_out_of_memory(err)
 
 
 def _complete_models(incomplete: str) -> list[str]:

@@ -152,7 +152,8 @@ def _from_hub(
         console.print(f"{repo} ({plan.commit[:12]}) is up to date in [bold]{plan.directory}[/].", soft_wrap=True)
         return
 
-    _download_with_progress(hub, plan, check_architecture=convert and plan.gguf is None)
+    _download_with_progress(hub, plan, check_architecture=convert and plan.gguf is None,
+                            reserve=_conversion_bytes(plan, target) if convert else 0)
     if not convert:
         console.print(
             f"Downloaded to [bold]{plan.directory}[/]; convert it with "
@@ -238,7 +239,22 @@ def _ready(target: Path, root: Path, known: KnownModel | None, head: str | None 
     console.print(f"{head or f'Ready: [bold]{target}[/].'} Run it: [bold]{run}[/]", soft_wrap=True)
 
 
-def _download_with_progress(hub: Any, plan: Plan, *, check_architecture: bool) -> None:
+def _conversion_bytes(plan: Plan, target: Path) -> int:
+    """Space the conversion will take on the download's disk, when the checkpoint goes to
+    the same filesystem: the weights' size for a transformers checkpoint (a GGUF import's
+    dequantized size is checked by the conversion itself, once its header is read)."""
+    import os
+
+    if plan.gguf:
+        return 0
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(target.parent).st_dev != os.stat(plan.directory).st_dev:
+        return 0  # another disk: the conversion checks its own space
+    return sum(f.size or 0 for f in plan.files if f.name.endswith((".safetensors", ".bin", ".pth")))
+
+
+def _download_with_progress(hub: Any, plan: Plan, *, check_architecture: bool, reserve: int = 0) -> None:
     """One line per file (bytes, speed, time left) and a total, while `hub.download` runs."""
     import time
 
@@ -281,7 +297,7 @@ def _download_with_progress(hub: Any, plan: Plan, *, check_architecture: bool) -
                 progress.update(tasks[name], description=f"[green]{name}")
 
         try:
-            hub.download(plan, progress=Report(), check_architecture=check_architecture)
+            hub.download(plan, progress=Report(), check_architecture=check_architecture, reserve=reserve)
         except KeyboardInterrupt:
             console.print("[dim]The partial download is kept; run the same command to resume.[/]")
             raise

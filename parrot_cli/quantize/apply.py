@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from parrot_cli.errors import CheckpointError
 from parrot_cli.quantize import QuantSpec
 
 # Keeps a part of a weight (a float tensor or a format.QuantizedWeight): a shard's cut.
@@ -22,6 +23,7 @@ Select = Callable[[Any], Any]
 BLOCKS = "transformer.h."
 HEAD = "lm_head"
 EMBEDDING = "transformer.wte"
+INT4_OUTPUT_MULTIPLE = 16  # torch's int4 weight packing takes row counts in multiples of 16
 
 
 def targets(model: nn.Module, spec: QuantSpec | None) -> set[str]:
@@ -97,6 +99,14 @@ def stored_module(
         qw = select(qw)
     if name == EMBEDDING:
         return QuantizedEmbedding(qw, dtype).to(device)
+    if qw.bits == 4 and qw.out_features % INT4_OUTPUT_MULTIPLE:
+        # torch's int4 packing refuses such a matrix with a bare RuntimeError; say what is wrong.
+        raise CheckpointError(
+            f"The quantized weight {name} has {qw.out_features} outputs; torch's int4 kernel "
+            f"needs a multiple of {INT4_OUTPUT_MULTIPLE}."
+        )
+    if bias is not None and tuple(bias.shape) != (qw.out_features,):
+        raise CheckpointError(f"{name}.bias is {list(bias.shape)}, not [{qw.out_features}].")
     module = (Int4Linear if qw.bits == 4 else Int8Linear).from_quantized(qw, bias, device)
     module.quantization = meta.get("mode") or f"int{qw.bits}"
     return module

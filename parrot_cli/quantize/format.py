@@ -241,7 +241,7 @@ class QuantizedWeight:
             return CheckpointError(f"The quantized weight {module} is inconsistent: {what}.")
 
         bits = meta.get("bits")
-        if bits not in (4, 8):
+        if type(bits) is not int or bits not in (4, 8):
             raise bad(f"it has {bits!r} bits (parrot stores 4 or 8)")
         try:
             data, scales = tensors[p + "qweight"], tensors[p + "scales"]
@@ -281,6 +281,10 @@ class QuantizedWeight:
                 raise bad(f"perm is {qw.perm.dtype} {list(qw.perm.shape)}, not int64 [{k}]")
         if bool(meta.get("act_order")) != (qw.perm is not None):
             raise bad("its config and its tensors disagree on act-order")
+        if qw.perm is not None and not torch.equal(torch.sort(qw.perm).values, torch.arange(k)):
+            # Checked on every load (K entries, cheap): an index out of range would fail
+            # mid-generation, inside the forward.
+            raise bad("perm is not a permutation of its inputs")
         return qw
 
     def check_values(self, module: str) -> None:
