@@ -137,12 +137,20 @@ def download_hub(work: Path, inputs: dict) -> Case:
                 transient_bytes=sum(len(b) for b in repo.files.values()))
 
 
-# The table: every command that writes a checkpoint. `parrot quantize int4|int8|gptq` join
-# here when they exist (same shape: argv, target, started).
+def quantize_int4(work: Path, inputs: dict) -> Case:
+    root = work / "out"
+    target = root / "hf-medium-int4"
+    return Case(["quantize", "int4", "--checkpoint-dir", str(inputs["float"]), "--output", str(target)],
+                target, root, started=lambda: _partial_of(target).exists(), writes_under=[root])
+
+
+# The table: every command that writes a checkpoint (`quantize int4` stands for the
+# quantize methods: int8 and gptq share its writer and its cleanup).
 COMMANDS: dict[str, Callable[[Path, dict], Case]] = {
     "convert (HF safetensors)": convert_hf,
     "convert (GGUF)": convert_gguf,
     "download (hub)": download_hub,
+    "quantize int4": quantize_int4,
 }
 
 
@@ -205,7 +213,10 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory):
     write_tiny_gguf(gguf_path, TinySpec(hidden=384, n_heads=6, n_kv_heads=3, ffn=1024, n_layers=4,
                                         weight_type=gguf.GGMLQuantizationType.Q8_0))
     server = HubServer(repos={REPO: Repo.from_dir(hf)}, rate=16 * 1024**2).start()
-    yield {"hf": hf, "gguf": gguf_path, "hub": server}
+    from parrot_cli.checkpoint.convert import convert
+
+    float_ckpt = convert(hf, hf.parent / "float-medium", dtype="float32")
+    yield {"hf": hf, "gguf": gguf_path, "hub": server, "float": float_ckpt}
     server.stop()
 
 
@@ -382,7 +393,8 @@ def test_the_harness_table_covers_every_command_that_writes_a_checkpoint() -> No
     from parrot_cli.cli import app
 
     writers = {"convert", "download", "quantize"}
-    registered = {c.name for c in app.registered_commands} & writers
+    registered = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    registered &= writers
     covered = {name.split(" ")[0] for name in COMMANDS}
     assert registered <= covered, f"add {sorted(registered - covered)} to COMMANDS"
 

@@ -29,7 +29,6 @@ from parrot_cli.errors import CheckpointError, ModelNotFoundError, UsageError
 from parrot_cli.paths import checkpoints_root
 from parrot_cli.quantize.format import QuantizedWeight
 from parrot_cli.quantize.qconfig import QuantizationConfig
-from parrot_cli.resources import check_disk, disk_full_error, is_disk_full
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,46 +133,41 @@ def _write(
     shapes = _weight_shapes(config) if quantization is not None else {}
     stored: dict[str, dict[str, Any]] = {}
     need = sum(c.stat().st_size if isinstance(c, Path) else len(str(c)) for c in files.values())
-    try:
-        # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
-        with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
-            done = 0
-            for name, t in tensors:
-                if done == 0:  # the width it is written in is known now
-                    need += int(config.num_parameters() * _bytes_per_parameter(t))
-                    check_disk(writer.partial, need, f"The checkpoint {target.name}")
-                if isinstance(t, QuantizedWeight):
-                    module = name.removesuffix(".weight")
-                    if shapes.get(name) != (t.out_features, t.in_features):
-                        raise CheckpointError(
-                            f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
-                            f"says {list(shapes.get(name, ()))}."
-                        )
-                    for key, part in t.tensors(module + ".").items():
-                        writer.add_tensor(key, part)
-                    stored[module] = t.meta()
-                else:
-                    writer.add_tensor(name, t)
-                done += 1
-                if progress:
-                    progress(done, total, name)
-            if done != total:
-                raise CheckpointError(f"Expected {total} tensors, converted {done}.")
-            for name, content in files.items():
-                if isinstance(content, Path):
-                    shutil.copyfile(content, writer.partial / name)
-                elif isinstance(content, str):
-                    writer.write_text(name, content)
-                else:
-                    writer.write_json(name, content)
-            qconfig = quantization() if callable(quantization) else quantization
-            if qconfig is not None and not qconfig.modules:
-                qconfig.modules.update({m: {**meta, "mode": qconfig.mode} for m, meta in stored.items()})
-            return writer.commit(config, provenance, qconfig)
-    except OSError as err:
-        if is_disk_full(err):  # the writer has removed the partial checkpoint
-            raise disk_full_error(target.parent, need, f"writing {target}") from err
-        raise
+    # A quantized weight is stored as up to three tensors (qweight, scales, zeros).
+    with CheckpointWriter(target, expected_tensors=(3 if quantization else 1) * total) as writer:
+        done = 0
+        for name, t in tensors:
+            if done == 0:  # the width it is written in is known now
+                need += int(config.num_parameters() * _bytes_per_parameter(t))
+                writer.require(need, f"The checkpoint {target.name}")
+            if isinstance(t, QuantizedWeight):
+                module = name.removesuffix(".weight")
+                if shapes.get(name) != (t.out_features, t.in_features):
+                    raise CheckpointError(
+                        f"{module} is quantized as [{t.out_features}, {t.in_features}] but the config "
+                        f"says {list(shapes.get(name, ()))}."
+                    )
+                for key, part in t.tensors(module + ".").items():
+                    writer.add_tensor(key, part)
+                stored[module] = t.meta()
+            else:
+                writer.add_tensor(name, t)
+            done += 1
+            if progress:
+                progress(done, total, name)
+        if done != total:
+            raise CheckpointError(f"Expected {total} tensors, converted {done}.")
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, writer.partial / name)
+            elif isinstance(content, str):
+                writer.write_text(name, content)
+            else:
+                writer.write_json(name, content)
+        qconfig = quantization() if callable(quantization) else quantization
+        if qconfig is not None and not qconfig.modules:
+            qconfig.modules.update({m: {**meta, "mode": qconfig.mode} for m, meta in stored.items()})
+        return writer.commit(config, provenance, qconfig)
 
 
 def _bytes_per_parameter(t: Any) -> float:

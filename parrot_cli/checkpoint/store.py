@@ -208,6 +208,16 @@ class CheckpointWriter:
         self._shards: list[tuple[str, list[str]]] = []
         self._names: set[str] = set()
         self.total_bytes = 0
+        self.need = 0  # the bytes `require` said the checkpoint takes
+
+    def require(self, need: int, what: str) -> None:
+        """Refuse, before anything is written, a checkpoint of `need` bytes that its disk
+        cannot hold (a DiskFullError with the numbers); a disk that fills up anyway
+        (something else wrote) is reported the same way on leaving the writer."""
+        from parrot_cli.resources import check_disk
+
+        self.need = need
+        check_disk(self.partial, need, what)
 
     def __enter__(self) -> CheckpointWriter:
         if self.partial.exists():  # left by a killed run: never reused
@@ -224,6 +234,11 @@ class CheckpointWriter:
                 self._shard.abandon()
             if self.partial.exists():
                 shutil.rmtree(self.partial, ignore_errors=True)
+            from parrot_cli.resources import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):  # the partial checkpoint is gone: say so, with the numbers
+                raise disk_full_error(self.target.parent, self.need or self.total_bytes,
+                                      f"writing {self.target}") from exc
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:

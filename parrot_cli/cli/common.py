@@ -44,6 +44,8 @@ def print_error(err: BaseException | str) -> int:
         message, code = str(err), err.exit_code
     elif _is_oom(err):
         message = "Out of memory; try a smaller model, --quantize, or a shorter --max-seq-length."
+    elif _is_disk_full(err):  # outside a checkpoint writer (which says more): where, and how much is free
+        message = _disk_full_message(err)
     elif isinstance(err, OSError) and err.strerror:
         message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     else:
@@ -52,6 +54,24 @@ def print_error(err: BaseException | str) -> int:
         )
     console.print(f"[bold red]Error:[/] {escape(message)}", markup=True, soft_wrap=True, highlight=False)
     return code
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    from parrot_cli.resources import is_disk_full
+
+    return is_disk_full(err)
+
+
+def _disk_full_message(err: OSError) -> str:
+    from parrot_cli.resources import disk_free, human_bytes, mount_of
+
+    where = Path(err.filename) if err.filename else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return (
+        f"The disk filled up ({err.strerror}{f': {err.filename}' if err.filename else ''}); "
+        f"{mount_of(where)} has {human_bytes(disk_free(where))} free. Free some space and run the command again."
+    )
 
 
 def _is_oom(err: BaseException) -> bool:

@@ -137,9 +137,11 @@ def _write_parrot(target: Path, source_dir: Path, info, entries, details: dict[s
     from parrot_cli.checkpoint.hub import TOKENIZER_FILES
     from parrot_cli.checkpoint.store import CheckpointWriter
     from parrot_cli.quantize.format import QuantizedWeight
+    from parrot_cli.quantize.save import quantized_size
 
     modules: dict[str, dict[str, Any]] = {}
     with CheckpointWriter(target) as writer:
+        writer.require(quantized_size(info.config.num_parameters(), 4), f"The checkpoint {target.name}")
         for name, value in entries:
             if isinstance(value, QuantizedWeight):
                 module = name.removesuffix(".weight")

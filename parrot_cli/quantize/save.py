@@ -168,6 +168,8 @@ def write_quantized(
     modules: dict[str, dict[str, Any]] = {}
     target.parent.mkdir(parents=True, exist_ok=True)
     with CheckpointWriter(target, expected_tensors=3 * len(state)) as writer:
+        writer.require(quantized_size(sum(t.numel() for t in state.values()), 8 if qconfig.mode == "int8" else 4),
+                       f"The checkpoint {target.name}")
         for step, part in enumerate(parts):
             index = None if step == 0 else int(next(iter(part)).split(".")[2])
             quantized = quantize_block(Block(index, part))
@@ -209,6 +211,12 @@ def _copy_side_files(source_dir: Path, partial: Path) -> None:
     for path in sorted(source_dir.iterdir()):
         if path.is_file() and path.name not in skip and path.suffix != ".safetensors":
             shutil.copyfile(path, partial / path.name)
+
+
+def quantized_size(parameters: int, bits: int) -> int:
+    """About the bytes `parameters` take quantized to `bits` with their scales (a floor
+    where some stay float, e.g. the embedding: the disk check before writing is a floor)."""
+    return int(parameters * bits / 8 * 1.0625)
 
 
 def _size(files: list[Path]) -> int:
