@@ -147,7 +147,15 @@ class Config:
             for key in _HF_SIZES:
                 if hf.get(key) is not None:
                     _int_in(hf[key], key, 1, MAX_CONTEXT)  # checked before any arithmetic uses it
-            return cls._from_hf(hf, name)
+            config = cls._from_hf(hf, name)
+            # NeoX and Falcon have no head_dim of their own: their heads make the hidden size
+            # (checked here, not on every Config: one rank of a tensor-parallel split has
+            # fewer heads over the same hidden size).
+            if config.family != "llama" and config.qkv_sizes[0] != config.n_embd:
+                raise ConfigError(
+                    f"{config.n_head} heads of {config.head_size} do not add up to the hidden size {config.n_embd}"
+                )
+            return config
 
     @classmethod
     def _from_hf(cls, hf: dict[str, Any], name: str) -> Config:
@@ -265,8 +273,6 @@ def _check_consistency(c: Config) -> None:
     q_rows, kv_rows, _ = c.qkv_sizes
     if q_rows > MAX_WIDTH or kv_rows > MAX_WIDTH:
         raise ConfigError(f"{c.n_head} heads of {c.head_size} make {q_rows} query rows, above {MAX_WIDTH}")
-    if c.family != "llama" and q_rows != c.n_embd:
-        raise ConfigError(f"{c.n_head} heads of {c.head_size} do not add up to the hidden size {c.n_embd}")
     dim = c.rope_n_elem
     if dim < 2 or dim % 2:
         raise ConfigError(

@@ -169,8 +169,9 @@ def generate_tokens(
     fused = decoder_for(model)
     want = top_needed(params)
     vocab = model.config.vocab_size
-    # Only parrot's GPT takes `last_only` (a wrapper around it may not).
-    head_kw = {"last_only": True} if isinstance(model, GPT) else {}
+    # Only parrot's GPT takes `last_only` (a wrapper around it may not), and only a whole
+    # model may drop the other positions (a pipeline stage hands all of them on).
+    head_kw = {"last_only": True} if isinstance(model, GPT) and lockstep is ALONE else {}
     idx = torch.tensor(prompt, dtype=torch.long, device=device)[None]
     input_pos = torch.arange(start_pos, start_pos + len(prompt), device=device)
     pos = start_pos + len(prompt)  # where the next token goes

@@ -102,7 +102,9 @@ def build_model(
     held_quantized = dict(stored.modules) if stored else {}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _check_names(model, state, held_quantized, config, checkpoint_dir)
+    # Names and shapes are the whole model's (a shard's own shapes are its cut of them).
+    whole = model if shard is WHOLE else meta_model(config)
+    _check_names(whole, state, held_quantized, config, checkpoint_dir)
     quantized = targets(model, quantize) - set(held_quantized)
     tied_quantized = config.tie_embeddings and EMBEDDING in held_quantized
     if config.tie_embeddings and HEAD in quantized:
