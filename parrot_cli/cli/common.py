@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -273,6 +273,31 @@ def load_llm(**kwargs: Any):
     for note in llm.notes:
         llm.notify(note)
     return llm
+
+
+@contextlib.contextmanager
+def step_progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A bar over the steps of a checkpoint being written (convert, download, quantize):
+    yields `update(done, total, what)`. Transient, and off outside a terminal (in a pipe or
+    a log rich would leave a blank line)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("[dim]{task.description}"),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield update
 
 
 @contextlib.contextmanager

@@ -86,23 +86,8 @@ def convert_with_progress(
     source: str | Path, output: Path | None, *, dtype: str = "auto", source_label: str | None = None
 ) -> Path:
     """`checkpoint.convert.convert` under the conversion's progress bar (shared with `parrot download`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from parrot_cli.checkpoint.convert import convert as run_convert
+    from parrot_cli.cli.common import step_progress
 
-    with Progress(
-        TextColumn("[bold]Converting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("[dim]{task.description}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,  # in a pipe or log rich would leave a blank line
-    ) as progress:
-        task = progress.add_task("", total=None)
-
-        def update(done: int, total: int, name: str) -> None:
-            progress.update(task, completed=done, total=total, description=name)
-
+    with step_progress("Converting") as update:
         return run_convert(source, output, dtype=dtype, progress=update, source_label=source_label)

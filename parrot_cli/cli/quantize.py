@@ -174,27 +174,11 @@ def _rtn(mode: str, checkpoint_dir: Path | None, model: str | None, group_size: 
 def run(model: str | None, write: Callable[[Path, Progress], QuantizeResult]) -> QuantizeResult:
     """Locate the float checkpoint `model` (a path, name or None for the default), call
     `write(source_dir, progress)` under a progress bar, print the summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from parrot_cli.checkpoint.locate import locate
-    from parrot_cli.cli.common import terminate_as_interrupt
+    from parrot_cli.cli.common import step_progress, terminate_as_interrupt
 
     source = locate(model)
-    with terminate_as_interrupt(), Progress(
-        TextColumn("[bold]Quantizing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("[dim]{task.description}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def update(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what)
-
+    with terminate_as_interrupt(), step_progress("Quantizing") as update:
         result = write(source, update)
     _summary(result)
     return result

@@ -134,22 +134,10 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "inter
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama in Hugging Face naming (weights written by parrot's own safetensors writer)."""
     from parrot_cli.checkpoint.store import _write_safetensors
+    from tests.test_hardening import hf_llama_weights
 
-    c = TINY_LLAMA
-    h, ffn, heads, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
-    hd = h // heads
-    g = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
-              "lm_head.weight": (c["vocab_size"], h)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
-                   p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
-                   p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-                   p + "mlp.down_proj.weight": (h, ffn)}
     d = tmp_path_factory.mktemp("hf-llama")
-    _write_safetensors(d / "model.safetensors", [(n, torch.randn(s, generator=g)) for n, s in shapes.items()])
+    _write_safetensors(d / "model.safetensors", hf_llama_weights(TINY_LLAMA))
     return d
 
 
