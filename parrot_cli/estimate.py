@@ -266,10 +266,15 @@ def estimate(
     notes: list[str] = []
     if stored and len({(m.get("bits"), m.get("group_size")) for m in stored.values()}) > 2:
         notes.append("The checkpoint mixes quantization types; each kind of layer is counted as its first block's.")
-    packs = device_type == "cpu" and layout_strategy(layout) != "fsdp" and (
+    # One CPU device decodes with the fused native step where it runs (its float head read
+    # through an int8 mirror); otherwise the CPU's linears are oneDNN-packed (LLM.load).
+    fused = device_type == "cpu" and layout is None and _fused_decode(quantize or stored_mode)
+    packs = not fused and device_type == "cpu" and layout_strategy(layout) != "fsdp" and (
         precision == "32-true" or (precision == "bf16-true" and _native_bf16())
     )
     ranks = _per_rank(config, layout, storage, fb, kv_bytes, length, prompt, overhead, notes, packs)
+    if fused:
+        ranks[0].weights += _head_mirror_bytes(config, storage)
     quant = quantize or stored_mode or "float"
     if group_size and quant in ("int4", "gptq.int4"):
         quant += f" g{group_size}"
@@ -291,6 +296,25 @@ def estimate(
 
 def layout_strategy(layout: Layout | None) -> str:
     return layout.strategy if layout else "none"
+
+
+def _fused_decode(mode: str | None) -> bool:
+    """Whether LLM.load gives one CPU device the fused native decode step: the native
+    kernels built, and no bitsandbytes layers (which it does not run)."""
+    from parrot_cli.kernels.native import library
+
+    return library() is not None and not (mode or "").startswith(("bnb", "llm.int8"))
+
+
+def _head_mirror_bytes(config: Config, storage: dict[str, Storage]) -> int:
+    """The fused step's int8 copy of a float head (kernels/decode.py mirror_bytes): codes,
+    a bf16 scale and an fp32 row error per output."""
+    head = storage.get("lm_head")
+    if head is not None and head.mode is not None:
+        return 0
+    if head is None and config.tie_embeddings and storage.get("transformer.wte", FLOAT).mode is not None:
+        return 0  # the head runs on the quantized embedding's codes
+    return config.vocab_size * config.n_embd + config.vocab_size * (2 + 4)
 
 
 def _native_bf16() -> bool:
