@@ -7,9 +7,10 @@ a hostile or broken template is one `ChatTemplateError`, never a hang or a memor
 
 - time: a render stops after RENDER_SECONDS of wall clock (a line tracer on the rendering
   thread checks the clock, so a loop that prints nothing is stopped too);
-- memory: the process's peak resident memory may grow at most RENDER_MEMORY_BYTES while a
-  template renders (checked by the same tracer), and the rendered prompt holds at most
-  MAX_PROMPT_CHARS characters;
+- memory: the process's resident memory may grow at most RENDER_MEMORY_BYTES while a
+  template renders (checked by the same tracer; the current resident size, not the peak,
+  so a process whose peak is already high, after a big load, is held to the same
+  allowance), and the rendered prompt holds at most MAX_PROMPT_CHARS characters;
 - sizes: operators and calls that multiply a size in one step (`'x' * n`, `n ** m`,
   `'%999999d' % x`, `'{:>999999}'.format(x)`, `center`/`indent`/`wordwrap`... with a huge
   width) refuse sizes above MAX_SIZE; `lipsum` is not available.
@@ -43,6 +44,7 @@ RENDER_MEMORY_BYTES = 512 * 1024**2
 MAX_PROMPT_CHARS = 16 * 1024**2
 MAX_SIZE = 1_000_000  # largest width, repeat count or length one operation may ask for
 _TRACE_EVERY = 64  # line events between clock and memory checks
+_PAGE_SIZE = resource.getpagesize()
 
 # A width or precision in a %-format or str.format spec ("%999999d", "{:>999999}").
 _FORMAT_WIDTH = re.compile(r"(\d{7,})|\*")
@@ -256,13 +258,13 @@ def _limits() -> Iterator[None]:
     """Time and memory limits for code running on this thread (the template's, and the
     filters it calls): a trace function checks them every few line events."""
     deadline = time.monotonic() + RENDER_SECONDS
-    peak_limit = _peak_rss() + RENDER_MEMORY_BYTES
+    memory_limit = _resident_bytes() + RENDER_MEMORY_BYTES
     events = 0
 
     def check() -> None:
         if time.monotonic() > deadline:
             raise _LimitExceeded(f"rendering took more than {RENDER_SECONDS:.0f} s")
-        if _peak_rss() > peak_limit:
+        if _resident_bytes() > memory_limit:
             raise _LimitExceeded(f"rendering used more than {RENDER_MEMORY_BYTES // 1024**2} MB")
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
@@ -281,10 +283,16 @@ def _limits() -> Iterator[None]:
         sys.settrace(previous)
 
 
-def _peak_rss() -> int:
-    """Peak resident memory of the process, in bytes (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def _resident_bytes() -> int:
+    """Resident memory of the process now, in bytes: /proc/self/statm where there is one
+    (Linux); elsewhere the peak (ru_maxrss: KiB on Linux, bytes on macOS), which only
+    errs on the side of a later stop."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def render(template: jinja2.Template, context: dict[str, Any]) -> str:

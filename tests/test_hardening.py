@@ -128,6 +128,33 @@ def test_templates_that_spin_or_blow_up_are_stopped(tiny_tokenizer_dir: Path, mo
         assert time.monotonic() - started < 30
 
 
+def test_template_memory_allowance_holds_after_a_high_peak(monkeypatch) -> None:
+    """The allowance is measured on the resident size now, not the process's peak: after a
+    big allocation is freed (a model loaded and dropped, a long test run), a render may still
+    grow only RENDER_MEMORY_BYTES, not the old peak plus that."""
+    from parrot_cli import chat_template
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the current resident size is read from /proc")
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 60.0)
+    monkeypatch.setattr(chat_template, "RENDER_MEMORY_BYTES", 64 * 1024**2)
+    spike = bytearray(512 * 1024**2)  # touched pages: the peak goes up by 512 MB
+    spike[:: resource.getpagesize()] = b"x" * len(range(0, len(spike), resource.getpagesize()))
+    del spike  # a large bytearray is unmapped on free: resident memory comes back down
+    chunks: list[bytes] = []
+
+    def grow() -> None:  # a frame of its own: the limits trace the frames called under them
+        while len(chunks) < 1024:
+            chunks.append(b"y" * 1024**2)
+
+    with pytest.raises(chat_template._LimitExceeded, match="used more than 64 MB"):
+        with chat_template._limits():
+            grow()
+    grown = len(chunks)
+    chunks.clear()
+    assert 32 <= grown <= 128, f"stopped after {grown} MB, allowance 64 MB"
+
+
 # ------------------------------------------------------------------ pickles run no code
 
 class _Payload:
