@@ -28,22 +28,11 @@ from parrot_cli.checkpoint.gguf import (
     validate_gguf_header,
 )
 from parrot_cli.errors import CheckpointError, UnsupportedArchitectureError
+from tests.data.gpt2_bytes import gpt2_byte_alphabet
 
 # ============================================================================================
 # Tiny GGUF files
 # ============================================================================================
-
-
-def gpt2_byte_alphabet() -> list[str]:
-    """GPT-2's printable spelling of bytes 0..255 (written out here, independent of the module)."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    spelled: dict[int, str] = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in spelled:
-            spelled[b] = chr(256 + extra)
-            extra += 1
-    return [spelled[b] for b in range(256)]
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gpt2_bytes import gpt2_byte_alphabet  # beside this script (its folder is on sys.path)
 
 HERE = Path(__file__).parent
 
@@ -65,22 +66,10 @@ FTYPES = {
 # --------------------------------------------------------------------------- tokenizer
 
 
-def byte_alphabet() -> list[str]:
-    """GPT-2's printable spelling of the 256 bytes (what byte-level BPE vocabularies use)."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    spelled = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in spelled:
-            spelled[b] = chr(256 + extra)
-            extra += 1
-    return [spelled[b] for b in range(256)]
-
-
 def tiny_vocab(size: int) -> dict:
     """Specials, the byte alphabet, then merges of frequent English pairs up to `size`."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = [*specials, *byte_alphabet()]
+    tokens = [*specials, *gpt2_byte_alphabet()]
     merges: list[str] = []
 
     def merge(a: str, b: str) -> None:
