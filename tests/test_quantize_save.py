@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,18 @@ def test_writer_streams_each_tensor_to_disk_as_it_comes(tiny, tmp_path):
     for shard in shards:
         for name, tensor in safetensors.load_file(shard).items():
             assert torch.equal(tensor, state[name])
+
+
+def test_a_shard_that_cannot_flush_on_a_full_disk_still_leaves_no_partial(tmp_path):
+    """On a full disk the shard's buffered tail fails again when the writer closes it on
+    the way out; that second ENOSPC must not skip the removal of `.partial` (CI once left
+    `model-00001.safetensors` behind this way). /dev/full is a real full device."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    target = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(target) as writer:
+            (writer.partial / "model-00001.safetensors").symlink_to("/dev/full")
+            writer.add_tensor("a", torch.ones(16))  # buffered: the flush at close fails
+            raise KeyboardInterrupt
+    assert not writer.partial.exists() and not target.exists()

@@ -163,8 +163,14 @@ class _ShardFile:
         f.close()
 
     def abandon(self) -> None:
+        """Close without finishing. Closing flushes the buffered tail, which fails on a full
+        disk: that error is the one already being handled, so it is dropped here (raising
+        it would skip the removal of the partial directory)."""
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
 
 
 def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -230,10 +236,12 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
-            if self._shard is not None:
-                self._shard.abandon()
-            if self.partial.exists():
-                shutil.rmtree(self.partial, ignore_errors=True)
+            try:
+                if self._shard is not None:
+                    self._shard.abandon()
+            finally:
+                if self.partial.exists():
+                    shutil.rmtree(self.partial, ignore_errors=True)
             from parrot_cli.resources import disk_full_error, is_disk_full
 
             if is_disk_full(exc):  # the partial checkpoint is gone: say so, with the numbers
