@@ -330,9 +330,6 @@ def _greedy_ids(llm, prompt: str) -> list[int]:
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
-@pytest.mark.xfail(strict=True, reason="known gap (issue 10, open): converting the real SmolLM2 GGUF grows "
-                   "by ~450 MB, ~100 MB over 1.5x the checkpoint plus the GGUF reader's token strings; "
-                   "strict: this fails once the peak is back under the bound, so the mark is removed")
 def test_smollm2_import_and_generate_peaks(smollm2_gguf, tmp_path):
     """Converting streams tensor by tensor and loading maps the file: each process grows
     by at most 1.5x the checkpoint (generate: plus its KV cache) over the interpreter with

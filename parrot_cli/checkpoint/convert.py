@@ -87,10 +87,14 @@ def convert(
     provenance: dict[str, Any] = {
         "source": source_label or (str(known.sources[0]) if known else str(path.resolve()))
     }
+    from parrot_cli.machine import big_blocks_mapped
+
     if path.is_dir():
-        return _convert_hf(path, target, DTYPES[dtype], provenance, progress, known)
+        with big_blocks_mapped():
+            return _convert_hf(path, target, DTYPES[dtype], provenance, progress, known)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return _convert_gguf(path, target, DTYPES[dtype], provenance, progress, known)
+        with big_blocks_mapped():
+            return _convert_gguf(path, target, DTYPES[dtype], provenance, progress, known)
     raise CheckpointError(
         f"{path} is neither a Hugging Face checkpoint directory nor a .gguf file."
     )
@@ -179,11 +183,9 @@ def _bytes_per_parameter(t: Any) -> float:
 
 
 def _weight_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    from parrot_cli.model import GPT
+    from parrot_cli.checkpoint.load import meta_model
 
-    with torch.device("meta"):
-        model = GPT(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
 
 
 def _generation_config(source_dir: Path | None, config: Config) -> dict[str, Any]:

@@ -22,7 +22,9 @@ import functools
 import mmap
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -46,6 +48,7 @@ from parrot_cli.quantize.qconfig import QuantizationConfig, read_quantization_co
 from parrot_cli.resources import check_memory
 
 # The tensor names of one stored quantized module (format.QuantizedWeight.tensors).
+M = TypeVar("M", bound=torch.nn.Module)
 QUANTIZED_TENSORS = ("qweight", "scales", "zeros", "qzeros", "perm")
 
 
@@ -173,8 +176,15 @@ class _SkipInit(TorchFunctionMode):
 def meta_model(config: Config) -> GPT:
     """The model `config` describes on the meta device: shapes without memory. A validated
     config bounds its size, so this takes milliseconds (under a second at MAX_LAYERS)."""
+    return on_meta(GPT, config)
+
+
+def on_meta(build: Callable[..., M], *args: Any) -> M:
+    """`build(*args)` on the meta device with initialisation skipped (`_SkipInit`): every
+    skeleton parrot builds (a model, a block, shapes to check against) goes through here,
+    so none pays for torch's meta `normal_` (~80 MB and seconds of imports)."""
     with torch.device("meta"), _SkipInit():
-        return GPT(config)
+        return build(*args)
 
 
 def _check_layers(config: Config, state: dict[str, torch.Tensor], checkpoint_dir: Path) -> None:

@@ -162,6 +162,7 @@ def gptq_blocks(
     """Quantize the blocks of the float model `state` (parrot names, memory-mapped) on
     `device`, running the calibration in `dtype`, and yield the new checkpoint's entries
     in order. `release(tensors)` hands a finished block's source pages back to the OS."""
+    from parrot_cli.checkpoint.load import on_meta
     from parrot_cli.model import Block, RotaryEmbedding, attention_mask
 
     started = time.perf_counter()
@@ -193,8 +194,7 @@ def gptq_blocks(
         for i in range(n_layer):
             prefix = f"transformer.h.{i}."
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            with torch.device("meta"):
-                block = Block(config)
+            block = on_meta(Block, config)
             _load_block(block, part, prefix, device, dtype)
             for step, name in enumerate(LINEARS):
                 if progress:

@@ -117,7 +117,7 @@ def quantize_checkpoint(
     """`parrot quantize int4|int8`: round-to-nearest on every Linear of the blocks (and the
     head with `quantize_head`), the same modules and values as load-time `--quantize`.
     The request is checked (group size, shapes) before anything is written."""
-    from parrot_cli.model import GPT
+    from parrot_cli.checkpoint.load import meta_model
     from parrot_cli.quantize import plan
     from parrot_cli.quantize.apply import HEAD, targets
 
@@ -127,9 +127,7 @@ def quantize_checkpoint(
     spec = plan(mode, info.config, torch.device("cpu"), group_size=group_size,
                 group_size_from_user=group_size is not None, quantize_head=quantize_head,
                 provenance=info.provenance)
-    with torch.device("meta"):
-        skeleton = GPT(info.config)
-    modules = targets(skeleton, spec)
+    modules = targets(meta_model(info.config), spec)
     target = Path(output) if output is not None else default_target(source_dir, mode, spec.group_size, quantize_head)
     qconfig = QuantizationConfig(mode, "rtn", details={"group_size": spec.group_size, "quantize_head": quantize_head})
     tied_head = quantize_head and info.config.tie_embeddings and HEAD in modules
