@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from parrot_cli.checkpoint.info import CheckpointInfo, read_info, read_json
-from parrot_cli.checkpoint.load import build_model
+from parrot_cli.checkpoint.load import build_model, page_release
 from parrot_cli.checkpoint.locate import locate
 from parrot_cli.config import Config
 from parrot_cli.errors import (
@@ -345,10 +345,10 @@ class LLM:
                 if attach_fused_decode(gpt) is None:
                     decode_kernel = f"native {native_library().isa}"
             if decode_kernel == "torch" and can_pack(dev, dtype) and not compile:
-                # The packed copies are new memory (the mapped weights they replace are not).
+                # The packed copies are new memory; the mapped pages they replace go back.
                 linears = sum(m.weight.numel() for m in gpt.modules() if type(m) is torch.nn.Linear)
                 check_memory(linears * dtype.itemsize, f"Packing {checkpoint_dir.name}'s weights", advice)
-                pack_linears(gpt)
+                pack_linears(gpt, page_release(checkpoint_dir))
         except (RuntimeError, MemoryError, OSError) as err:
             if not is_out_of_memory(err):
                 raise

@@ -284,3 +284,55 @@ def test_a_decode_step_is_one_native_call(smollm2_int4):
     # (a step whose fast head could not vouch for the best token samples from the exact
     # logits: a few torch calls then)
     assert counter.calls < 32, f"{counter.calls} torch calls in 32 greedy decode steps"
+
+
+# ------------------------------------------------------------------ oneDNN packing memory
+
+
+def _hwm_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_bytes(key: str) -> int:
+    return int(Path("/proc/self/status").read_text().split(key + ":")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_packing_holds_each_weight_once(tmp_path):
+    """Packing replaces each weight by its packed copy: the originals go as it proceeds
+    (heap weights are freed, memory-mapped ones have their pages handed back), so packing
+    grows the process by about one weight, not by all of them (a tp rank of a 1.1B model
+    peaked at 2x its weights; a sequential rank held pages and copies both)."""
+    from parrot_cli.checkpoint.load import _PageRelease
+    from parrot_cli.checkpoint.store import _write_safetensors, load_safetensors
+    from parrot_cli.kernels import can_pack, pack_linears
+
+    if not can_pack(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 here")
+    n, count = 2048, 8
+    each = n * n * 4  # 16 MB
+    torch.manual_seed(0)
+    # Heap weights: the peak grows by a weight or two (oneDNN's own buffers), not by all eight.
+    model = torch.nn.Sequential(*[torch.nn.Linear(n, n, bias=False) for _ in range(count)]).requires_grad_(False)
+    x = torch.randn(1, n)
+    want = model(x)
+    _hwm_reset()
+    before = _status_bytes("VmRSS")
+    assert pack_linears(model) == count
+    assert _status_bytes("VmHWM") - before < 3 * each
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+    # Memory-mapped weights, their pages resident: handed back once packed.
+    path = tmp_path / "w.safetensors"
+    _write_safetensors(path, [(f"{i}", torch.randn(n, n) / n**0.5) for i in range(count)] + [("norm", torch.ones(n))])
+    mapped = load_safetensors(path)
+    norm = mapped.pop("norm")  # a tensor the model keeps mapped keeps the whole mapping alive
+    model = torch.nn.Sequential(*[torch.nn.Linear(n, n, bias=False) for _ in range(count)]).requires_grad_(False)
+    for i, layer in enumerate(model):
+        layer.weight = torch.nn.Parameter(mapped[f"{i}"], requires_grad=False)
+    want = model(x)  # every page read
+    del mapped
+    before = _status_bytes("VmRSS")
+    pack_linears(model, _PageRelease([path]))
+    assert _status_bytes("VmRSS") - before < 2 * each  # copies in, pages out: about even
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)  # oneDNN sums in its own order
+    assert torch.equal(norm, torch.ones(n))

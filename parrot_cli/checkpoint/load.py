@@ -288,6 +288,12 @@ def _assign(
     return kept
 
 
+def page_release(checkpoint_dir: Path) -> _PageRelease:
+    """A callable that hands the mapped pages of `checkpoint_dir`'s tensors back to the OS
+    once they have been copied (packed, cast, quantized)."""
+    return _PageRelease(weight_files(checkpoint_dir))
+
+
 class _PageRelease:
     """Hands memory that loading no longer needs back to the OS after each block, so the
     peak stays near the final model's size: the mapped pages of checkpoint tensors that

@@ -215,7 +215,7 @@ def build_part(request: LoadRequest, world: World) -> GPT:
     """This rank's part of the model, loaded from the memory-mapped checkpoint: its slice
     of the blocks (sequential), its heads and MLP columns (tp), or its shards (fsdp)."""
     from parrot_cli.api import precision_dtype
-    from parrot_cli.checkpoint.load import WHOLE, build_model
+    from parrot_cli.checkpoint.load import WHOLE, build_model, page_release
     from parrot_cli.checkpoint.store import read_info
     from parrot_cli.kernels import can_pack, pack_linears
     from parrot_cli.quantize.qconfig import read_quantization_config
@@ -252,7 +252,7 @@ def build_part(request: LoadRequest, world: World) -> GPT:
 
         sequential.prepare(model, world.rank, world.size, dtype, device)
     if layout.strategy != "fsdp" and can_pack(device, dtype):
-        pack_linears(model)  # plain Linears of this rank's part (FSDP's must stay its own)
+        pack_linears(model, page_release(directory))  # this rank's plain Linears (FSDP's stay its own)
     return model
 
 

@@ -9,6 +9,8 @@ module replaces `nn.Linear` modules on the model instance, never `torch.nn.Linea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,12 +45,21 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every plain nn.Linear in `model` by a PackedLinear; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
-                count += 1
-    return count
+def pack_linears(model: nn.Module, release: Callable[[list[torch.Tensor]], None] | None = None) -> int:
+    """Replace every plain nn.Linear in `model` by a PackedLinear; returns how many.
+
+    Packing reads each weight, so a memory-mapped checkpoint's pages become resident, and
+    the packed copy is new memory beside them: `release` (the loader's `_PageRelease`)
+    hands each weight's mapped pages back once its copy exists, so a rank that packs holds
+    its weights once, not twice (a sequential rank of a 1.1B fp32 model: 4.2 GB -> ~2.5)."""
+    # (parent, name) pairs only: holding the Linears themselves would keep every original
+    # weight alive until the last one is packed (a tp rank peaked at 2x its weights).
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if type(child) is nn.Linear]
+    for parent, name in places:
+        child = getattr(parent, name)
+        setattr(parent, name, PackedLinear(child))
+        if release is not None:
+            release([child.weight.detach()])
+        del child
+    return len(places)
