@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -44,6 +45,7 @@ def run(job: dict, rank: int) -> dict | None:
             except SystemExit as done:
                 assert done.code == 0, f"rank {rank} left {job['name']} with {done.code}"
             return None
+        began = time.perf_counter()
         llm = LLM.load(job["checkpoint"], **kwargs)
         try:
             out: dict = {"name": job["name"], "notes": llm.notes}
@@ -58,6 +60,7 @@ def run(job: dict, rank: int) -> dict | None:
             if job.get("text"):
                 out["text"] = llm.generate(job["text"], temperature=0, max_new_tokens=job["max_new"])
             out["memory"] = llm.memory_by_rank()
+            out["seconds"] = time.perf_counter() - began  # what each job costs the suite
             return out
         finally:
             llm.close()

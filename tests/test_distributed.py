@@ -93,6 +93,16 @@ def chat_model(tmp_path_factory, smollm2_checkpoint) -> Path:
 
 
 def _reference(checkpoint: Path, ids: list[int], quantize: str | None = None) -> tuple[list[int], torch.Tensor]:
+    """One device's greedy tokens and logits (computed once per checkpoint, ids and mode:
+    every strategy of a family compares with the same reference)."""
+    return _REFERENCES.get((checkpoint, tuple(ids), quantize)) or _REFERENCES.setdefault(
+        (checkpoint, tuple(ids), quantize), _one_device(checkpoint, ids, quantize))
+
+
+_REFERENCES: dict[tuple, tuple[list[int], torch.Tensor]] = {}
+
+
+def _one_device(checkpoint: Path, ids: list[int], quantize: str | None) -> tuple[list[int], torch.Tensor]:
     llm = LLM.load(checkpoint, precision="32-true", device="cpu", quantize=quantize)
     llm.ensure_cache(len(ids) + MAX_NEW)
     with torch.inference_mode():
@@ -121,8 +131,10 @@ def _jobs(families: dict[str, Path], stored: dict[str, Path], smollm2: Path) -> 
                  "strategy": "tp", "quantize": "int8"})
     jobs.append({"name": "sequential-int4", "checkpoint": str(gqa), "ids": ids, "max_new": MAX_NEW,
                  "strategy": "sequential", "quantize": "int4"})
-    for strategy in ("sequential", "fsdp"):
-        jobs.append({"name": f"smollm2/{strategy}", "checkpoint": str(smollm2), "ids": [], "max_new": 12,
+    # fsdp gathers all 540 MB of SmolLM2 through gloo for every token (~1 s each here): its
+    # check decodes the reference's first 4 tokens, sequential all 12.
+    for strategy, max_new in (("sequential", 12), ("fsdp", 4)):
+        jobs.append({"name": f"smollm2/{strategy}", "checkpoint": str(smollm2), "ids": [], "max_new": max_new,
                      "strategy": strategy, "text": "Hello, my name is"})
     return jobs
 
@@ -224,7 +236,10 @@ def test_quantized_layers_that_cannot_be_cut_are_refused(stored):
 @pytest.mark.parametrize("strategy", ["sequential", "fsdp"])
 def test_real_smollm2_keeps_the_reference_text(world, strategy):
     got = world[f"smollm2/{strategy}"]
-    assert got["text"] == REFERENCE_TEXT
+    if strategy == "sequential":
+        assert got["text"] == REFERENCE_TEXT
+    else:  # 4 tokens: " Alex, and I"
+        assert got["text"] == REFERENCE_TEXT[: len(" Alex, and I")]
     if strategy == "fsdp":
         assert any("trades speed for memory" in n for n in got["notes"])
 

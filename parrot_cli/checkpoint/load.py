@@ -74,9 +74,11 @@ class Shard:
     def prepare(self, model: GPT, device: torch.device) -> None:
         """Called on the meta-device model before any weight is assigned."""
 
-    def assign(self, model: GPT, tensors: dict[str, torch.Tensor]) -> None:
-        """Put one block's float tensors (cast and moved) into the model."""
+    def assign(self, model: GPT, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Put one block's float tensors (cast and moved) into the model; returns those the
+        model now holds as they are (a checkpoint's mapped pages under them stay)."""
         model.load_state_dict(tensors, strict=False, assign=True)
+        return list(tensors.values())
 
 
 WHOLE = Shard()
@@ -270,8 +272,7 @@ def _assign(
         for name, tensor in part.items()
         if owners[name] not in special
     }
-    shard.assign(model, floats)
-    kept = list(floats.values())
+    kept = shard.assign(model, floats)
     for owner in sorted(set(owners.values()) & set(held_quantized)):
         select = functools.partial(shard.take, owner + ".weight")
         module = stored_module(owner, part, held_quantized[owner], bias_of(owner), device, dtype, select)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from parrot_cli.settings import PRECISIONS, SETTINGS
 console = Console(stderr=True, highlight=False)
 
 
+SECONDARY_RANK_GRACE_S = 2.0
+
+
 def print_error(err: BaseException | str) -> int:
     """Print one line for `err` (a traceback too with --debug/PARROT_DEBUG); return the exit code."""
     debug = os.environ.get("PARROT_DEBUG", "") not in ("", "0")
@@ -37,6 +41,10 @@ def print_error(err: BaseException | str) -> int:
 
     if is_secondary_rank():  # a torchrun rank: rank 0 reports what every rank sees alike
         if isinstance(err, UsageError) or getattr(err, "quiet", False):
+            # Every rank found the same mistake at once; leave a moment after rank 0, or
+            # torchrun sees this rank fail first and stops rank 0 before it says why (seen
+            # on a loaded machine: no message at all).
+            time.sleep(SECONDARY_RANK_GRACE_S)
             return err.exit_code
         console.print(f"[bold red]Error:[/] rank {torchrun_launch().rank}: {escape(str(err))}", soft_wrap=True)
         return err.exit_code if isinstance(err, ParrotError) else 1

