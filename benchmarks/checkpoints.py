@@ -38,7 +38,7 @@ TEXT = ROOT / "benchmarks" / "english.txt"
 PPL_TEXTS = [ROOT / "tests" / "data" / "perplexity.txt", ROOT / "benchmarks" / "english.txt"]
 PROMPTS = ["Hello, my name is", "The capital of France is", "Once upon a time", "def fibonacci(n):",
            "The secret to happiness is", "The three most useful things to pack for a hike are"]
-LLAMACPP_PYTHON = "/work/wt/llamacpp-venv/bin/python"
+LLAMACPP_PYTHON = "/work/llamacpp-venv/bin/python"  # llama-cpp-python and gguf
 PEAK = "import atexit, sys\n" \
        "def _peak():\n" \
        "    for line in open('/proc/self/status'):\n" \
